@@ -86,8 +86,3 @@ def ode_velocity(denoiser: Denoiser, x: Tensor, sigma: Tensor, cond: Cond = None
     """dx/dsigma of the probability-flow ODE, (x - D(x; sigma)) / sigma (EDM Eq. 3 with sigma(t) = t)."""
     return (x - denoiser(x, sigma, cond)) / expand_sigma(sigma, x)
 
-
-def trigflow_time(sigma: Tensor, sigma_data: float) -> Tensor:
-    """TrigFlow time s = atan(sigma / sigma_data) (sCM Sec. 2)."""
-    return torch.atan(sigma / sigma_data)
-

@@ -1,0 +1,1 @@
+"""Hydra configs of fastgen-sci (installed as the package fastgen_sci.configs)."""

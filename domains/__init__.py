@@ -1,0 +1,1 @@
+"""Domain packs: one package per scientific domain, each with the same modules."""

@@ -1,0 +1,1 @@
+"""Weather pack: CorrDiff-style km-scale downscaling."""

@@ -1,0 +1,117 @@
+"""The skill-and-spread report: student ensembles against the teacher's (and an exact reference when one
+exists), with both timed in the same run, on the same device, with the same batching."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from torch import Tensor
+
+from .checkpoint import write_json
+from .denoiser import Denoiser
+from .ensemble import sample_ensemble
+from .registry import DomainPack, EvalCases
+from .samplers import SamplerSpec
+from .train import read_metrics
+
+
+def timed_ensemble(denoiser: Denoiser, sampler: SamplerSpec, cases: EvalCases, members: int, *, seed: int,
+                   batch_size: int, device: torch.device, desc: str) -> tuple[Tensor, float]:
+    """Samples [N, M, *shape] and wall-clock seconds per member, after one untimed warm-up batch."""
+    warm = EvalCases(n=1, shape=cases.shape, cond=None if cases.cond is None else
+                     {k: v[:1] for k, v in cases.cond.items()})
+    sample_ensemble(denoiser, sampler, warm, min(members, batch_size), seed=seed + 1, batch_size=batch_size,
+                    device=device, progress=False)
+    _sync(device)
+    t0 = time.perf_counter()
+    samples = sample_ensemble(denoiser, sampler, cases, members, seed=seed, batch_size=batch_size, device=device,
+                              desc=desc)
+    _sync(device)
+    return samples, (time.perf_counter() - t0) / (cases.n * members)
+
+
+def compare(*, pack: DomainPack, teacher: Denoiser, student: Denoiser, teacher_sampler: SamplerSpec,
+            student_sampler: SamplerSpec, members: int, seed: int, batch_size: int,
+            device: torch.device) -> tuple[dict, dict[str, Tensor], EvalCases]:
+    """Sample, time and score teacher and student ensembles over the pack's evaluation cases."""
+    cases = pack.eval_cases()
+    report: dict = {"members": members, "cases": cases.n, "seed": seed, "batch_size": batch_size,
+                    "device": str(device)}
+    samples = {}
+    for name, model, sampler in (("teacher", teacher, teacher_sampler), ("student", student, student_sampler)):
+        samples[name], sec = timed_ensemble(model, sampler, cases, members, seed=seed, batch_size=batch_size,
+                                            device=device, desc=f"{name} ensemble ({sampler.nfe} NFE)")
+        report[name] = {"nfe": sampler.nfe, "sampler": _describe(sampler), "seconds_per_member": sec,
+                        **pack.score(samples[name], cases)}
+    report["reference"] = pack.reference(cases, members) or {}
+    report["speedup"] = report["teacher"]["seconds_per_member"] / report["student"]["seconds_per_member"]
+    return report, samples, cases
+
+
+def write_report(report: dict, run_dir: Path, *, pack: DomainPack, samples: Mapping[str, Tensor],
+                 cases: EvalCases) -> list[Path]:
+    """report.json, report.md and plots into run_dir; returns the written paths."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    plots = list(pack.plots(samples, cases, run_dir))
+    curve = plot_training(run_dir)
+    plots += [curve] if curve else []
+    report["plots"] = [p.name for p in plots]
+    write_json(run_dir / "report.json", report)
+    md = run_dir / "report.md"
+    md.write_text(markdown(report))
+    return [run_dir / "report.json", md, *plots]
+
+
+def markdown(report: dict) -> str:
+    """The report as a markdown table: one row per score, columns teacher / student / reference."""
+    cols = [c for c in ("teacher", "student", "reference") if report.get(c)]
+    keys = list(dict.fromkeys(k for c in cols for k, v in report[c].items() if isinstance(v, (int, float))))
+    lines = [f"# {report.get('domain', '')} / {report.get('method', '')}: skill and spread", "",
+             f"{report['cases']} cases x {report['members']} members, seed {report['seed']}, "
+             f"batch {report['batch_size']} on {report['device']}.", "",
+             f"Teacher: {report['teacher']['sampler']}. Student: {report['student']['sampler']}.", "",
+             f"**Speedup (teacher s/member / student s/member): {report['speedup']:.1f}x**", "",
+             "| score | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for k in keys:
+        lines.append(f"| {k} | " + " | ".join(_fmt(report[c].get(k)) for c in cols) + " |")
+    lines += ["", *[f"![{p}]({p})" for p in report.get("plots", [])], ""]
+    return "\n".join(lines)
+
+
+def plot_training(run_dir: Path) -> Path | None:
+    """Loss curves from metrics.csv, one line per player (log scale); None when there is no log."""
+    rows = read_metrics(run_dir)
+    keys = [k for k in (rows[0] if rows else {}) if k.startswith("loss/")]
+    if not keys:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for k in keys:
+        pts = [(r["iteration"], r[k]) for r in rows if k in r]
+        ax.plot(*zip(*pts), lw=0.8, label=k.split("/")[1])
+    ax.set(xlabel="iteration", ylabel="loss", yscale="log", title="training loss")
+    ax.legend()
+    fig.tight_layout()
+    path = run_dir / "training_loss.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _describe(sampler: SamplerSpec) -> str:
+    if sampler.name == "few_step":
+        return f"few_step, {sampler.nfe} step(s), intermediate sigmas {list(sampler.sigmas)}"
+    return f"{sampler.name} {sampler.steps} steps rho {sampler.rho}" + (f" churn {sampler.S_churn}" if sampler.S_churn else "")
+
+
+def _fmt(v) -> str:
+    return "" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

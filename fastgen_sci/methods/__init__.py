@@ -1,0 +1,1 @@
+"""Distillation and training methods: one file each, a frozen dataclass plus pure loss functions."""
