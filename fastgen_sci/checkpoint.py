@@ -20,6 +20,10 @@ from torch import nn
 _NAME = re.compile(r"^iter-(\d{8})$")
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, corrupt, or does not fit the network."""
+
+
 def save_weights(module: nn.Module, path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> Path:
     """Write a module's state dict to a .safetensors file atomically."""
     path = Path(path)
@@ -80,7 +84,7 @@ def load_latest(directory: Path, *, players: Sequence, optimizers: Mapping, emas
     try:
         state = torch.load(path / "state.pt", weights_only=True, map_location="cpu")
     except Exception as e:  # corrupt or foreign file: say which and what to do
-        raise RuntimeError(f"checkpoint {path / 'state.pt'} cannot be read ({e}); delete {path} to resume "
+        raise CheckpointError(f"checkpoint {path / 'state.pt'} cannot be read ({e}); delete {path} to resume "
                            "from the previous checkpoint") from None
     for name, opt in optimizers.items():
         opt.load_state_dict(state["optimizers"][name])
@@ -96,11 +100,11 @@ def _plain(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def _read(path: Path) -> dict[str, torch.Tensor]:
     if not path.exists():
-        raise FileNotFoundError(f"checkpoint file {path} does not exist")
+        raise CheckpointError(f"checkpoint file {path} does not exist")
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
-        raise RuntimeError(f"{path} is not a readable safetensors file ({e})") from None
+        raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from None
 
 
 def _load_prefixed(module: nn.Module, weights: dict, prefix: str, path: Path) -> None:
@@ -119,7 +123,7 @@ def _check_state(module: nn.Module, state: Mapping[str, torch.Tensor], path: Pat
     if missing or unexpected or shapes:
         parts = [f"missing {missing[:5]}" * bool(missing), f"unexpected {unexpected[:5]}" * bool(unexpected),
                  "; ".join(shapes[:5])]
-        raise ValueError(f"{path} does not fit {type(module).__name__}: " + "; ".join(p for p in parts if p))
+        raise CheckpointError(f"{path} does not fit {type(module).__name__}: " + "; ".join(p for p in parts if p))
 
 
 def write_json(path: str | os.PathLike, obj) -> None:

@@ -68,7 +68,7 @@ def _run_hydra(command: str, overrides: list[str]) -> int:
 def _guarded(fn, cfg: DictConfig) -> None:
     try:
         fn(cfg)
-    except (UserError, LookupError, ValueError, FileNotFoundError) as e:
+    except (UserError, LookupError, ValueError, FileNotFoundError, FloatingPointError) as e:
         sys.exit(_fail(str(e).splitlines()[0] if str(e) else type(e).__name__))
 
 

@@ -33,9 +33,26 @@ def check_overrides(overrides: list[str]) -> None:
     except OverrideError as e:
         raise UserError(str(e)) from None
     try:
-        compose(lines)
+        cfg = compose(lines)
     except Exception as e:  # Hydra raises several exception types; all become one readable line
         raise UserError(_explain(e, lines)) from None
+    try:
+        _check_node_types(cfg)
+    except OverrideError as e:
+        raise UserError(str(e)) from None
+
+
+def _check_node_types(cfg) -> None:
+    """Values of domain/method/trainer/sampler nodes against the annotations of the classes they build."""
+    from .samplers import SamplerSpec
+    from .train import Trainer
+
+    node = lambda key: {k: v for k, v in OmegaConf.to_container(cfg[key], resolve=True).items() if k != "name"}
+    check_types(registry.load_method(cfg.method.name), node("method"), "method")
+    check_types(registry.load_domain(cfg.domain.name), node("domain"), "domain")
+    check_types(Trainer, node("trainer"), "trainer")
+    for key in ("teacher_sampler", "student_sampler"):
+        check_types(SamplerSpec, node(key) | {"name": cfg[key].name}, key)
 
 
 def _parse(overrides: list[str]):
