@@ -158,8 +158,14 @@ def mean_spectra(fields: Tensor, variables: Sequence[str]) -> tuple[list[float],
 
 
 def _band_slices(K: int, n_bands: int) -> list[slice]:
-    """Shells 1..K-1 (k = 0 dropped) split into n_bands log-spaced bands, large scales first."""
-    edges = np.unique(np.floor(np.geomspace(1, K, n_bands + 1)).astype(int))
+    """Shells 1..K-1 (k = 0 dropped) split into n_bands log-spaced bands (octaves at 32 x 32), large first."""
+    if K - 1 <= n_bands:
+        edges = np.arange(1, K + 1)  # one shell per band
+    else:
+        edges = np.round(np.geomspace(1, K, n_bands + 1)).astype(int)
+        step = np.arange(n_bands + 1)
+        edges = np.maximum.accumulate(edges - step) + step  # strictly increasing: a shell or more each
+        edges[-1] = K
     return [slice(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
 
 
@@ -187,15 +193,15 @@ def versus_teacher(student: Tensor, teacher: Tensor, truth: Tensor, variables: S
     _check("teacher", teacher, truth, variables)
     g = _generator(generator)
     M, Mt = student.shape[1], teacher.shape[1]
-    k, P_s = mean_spectra(student, variables)
-    _, P_t = mean_spectra(teacher, variables)
-    _, P_y = mean_spectra(truth, variables)
+    k = radial_power_spectrum(truth[:1, 0])[0].tolist()  # shell centres, cycles per pixel
     bands = _band_slices(len(k), n_bands)
     per_var, cols = {}, []
     for c, v in enumerate(variables):
         xs, xt, y = _members_first(student, c), _members_first(teacher, c), truth[:, c].to(f64)
         counts, flat = _teacher_rank(xs, xt, generator=g)
-        ps, pt, py = (torch.tensor(p[v], dtype=f64)[1:] for p in (P_s, P_t, P_y))  # shells k > 0
+        spec = {name: mean_member_spectrum(e)[1].mean(0) for name, e in (("student", xs), ("teacher", xt),
+                                                                          ("truth", y[None]))}  # [K] each
+        ps, pt, py = (spec[name][1:].cpu() for name in ("student", "teacher", "truth"))  # shells k > 0
         crps = torch.stack([_field_mean(crps_ensemble(xs, y)), _field_mean(crps_ensemble(xt, y))], 1)  # [N, 2]
         diff, lo, hi = paired_bootstrap_ci(crps[:, 0], crps[:, 1], n_boot=n_boot, alpha=ALPHA, generator=g)
         gap = _bootstrap_stat(crps, lambda m: m[:, 0] / m[:, 1] - 1, n_boot=n_boot, generator=g)
@@ -204,7 +210,7 @@ def versus_teacher(student: Tensor, teacher: Tensor, truth: Tensor, variables: S
         ssr_ratio = _bootstrap_stat(ve, ratio, n_boot=n_boot, generator=g)
         per_var[v] = {
             "teacher_rank_counts": counts.tolist(), "teacher_rank_flatness": flat,
-            "spectrum": {"student": P_s[v], "teacher": P_t[v], "truth": P_y[v]},
+            "spectrum": {name: P.tolist() for name, P in spec.items()},
             "band_ratio": [float(ps[b.start - 1:b.stop - 1].sum() / pt[b.start - 1:b.stop - 1].sum())
                            for b in bands],
             "lsd_db": float(log_spectral_distance(ps, pt)),
@@ -213,16 +219,15 @@ def versus_teacher(student: Tensor, teacher: Tensor, truth: Tensor, variables: S
             "crps_fair_student": float(crps[:, 0].mean()), "crps_fair_teacher": float(crps[:, 1].mean()),
             "crps_diff": float(diff), "crps_diff_ci": [float(lo), float(hi)],
             "crps_rel_gap": gap[0], "crps_rel_gap_ci": gap[1],
-            "ssr_student": _bootstrap_stat(ve[:, :2], _ssr_stat(M), n_boot=1, generator=g)[0],
-            "ssr_teacher": _bootstrap_stat(ve[:, 2:], _ssr_stat(Mt), n_boot=1, generator=g)[0],
+            "ssr_student": float(_ssr_stat(M)(ve[:, :2].mean(0, keepdim=True))),
+            "ssr_teacher": float(_ssr_stat(Mt)(ve[:, 2:].mean(0, keepdim=True))),
             "ssr_ratio": ssr_ratio[0], "ssr_ratio_ci": ssr_ratio[1]}
         cols.append(crps)
     crps_all = torch.cat(cols, 1)  # [N, 2C] (student, teacher) per variable
     mean_gap = lambda m: (m[:, 0::2] / m[:, 1::2] - 1).mean(1)  # noqa: E731
     gap_all = _bootstrap_stat(crps_all, mean_gap, n_boot=n_boot, generator=g)
     pooled = torch.tensor([s["teacher_rank_counts"] for s in per_var.values()]).sum(0)
-    avg = lambda key: float(np.mean([s[key] for s in per_var.values()], axis=0)) if key != "band_ratio" \
-        else np.mean([s[key] for s in per_var.values()], axis=0).tolist()  # noqa: E731
+    avg = lambda key: np.mean([s[key] for s in per_var.values()], axis=0).tolist()  # noqa: E731
     return {"members_student": M, "members_teacher": Mt, "cases": truth.shape[0], "crps_estimator": "fair",
             "ssr_definition": SSR_DEFINITION, "ci": f"{1 - ALPHA:.0%} percentile bootstrap over cases, paired, "
             f"n_boot = {n_boot}", "teacher_rank": "all teacher members pooled; flatness divided by "
@@ -303,7 +308,8 @@ def plot_rank_histograms(scores_by_model: Mapping[str, dict], out_dir, *,
                     label=f"M={versus['members_student']}, M'={versus['members_teacher']}, "
                           f"δ={s['teacher_rank_flatness']:.3g}")
             ax.axhline(1 / n.size, color="k", ls="--", lw=0.8, label="flat (same law)")
-            ax.set(title=f"{v}: rank of teacher members among student's", xlabel="rank", ylabel="frequency")
+            ax.set(title=f"{v}: rank of teacher among student", xlabel="rank among student members",
+                   ylabel="frequency")
             ax.legend(fontsize=7)
     fig.suptitle("Rank histograms (U shape: under-dispersed; dome: over-dispersed)")
     return _save(fig, out_dir, "rank_histograms.png")
@@ -319,6 +325,7 @@ def plot_spectra(spectra: Mapping[str, tuple], out_dir, *, units: Optional[Mappi
         for i, (name, (k, P)) in enumerate(spectra.items()):
             style = dict(color="k", lw=1.6) if name == "truth" else dict(color=f"C{i}", lw=1.0)
             ax.loglog(np.asarray(k)[1:], np.asarray(P[v])[1:], label=name, **style)  # k = 0 is the mean
+        ax.xaxis.set_minor_formatter(_pyplot().NullFormatter())  # minor labels collide on a short axis
         u = _unit(v, units)
         ax.set(title=v, xlabel="wavenumber (cycles per grid point)", ylabel=f"power ({u}²)" if u else "power")
         ax.legend(fontsize=7)
