@@ -1,0 +1,665 @@
+"""Weather data: CorrDiff's dataset formats read into one view on the output grid, and atomic writers.
+
+Formats (`open_dataset` picks one from the suffix and the contents):
+  hrrr-mini  one netCDF4 file, groups input / output / invariant (one variable per channel), root time and
+             lat, lon (y, x); stats in `stats.json` in the SAME DIRECTORY (PhysicsNeMo's HRRR-mini layout,
+             where train and valid files share it): {group: {var: {"mean": m, "std": s}}}. So one directory
+             holds one dataset (or files that share stats); stats=<path> overrides.
+  cwb        consolidated Zarr v2: cwb / era5 (time, channel, y, x), *_center, *_scale, *_variable (+ *_pressure:
+             channel name "<variable>_<level>"), *_valid (time) or (time, channel; only selected channels
+             count), XLAT, XLONG, time.
+             era5 is the input, cwb the output; invariants are the other arrays on the cwb (y, x) dims.
+  xarray     any netCDF / Zarr with named (time, y, x) input and output variables and (y, x) invariants.
+Everything comes out float32 in physical units on the output grid [H, W]. Inputs on a coarser grid are
+upsampled by an integer factor (nearest: np.repeat; bilinear: torch interpolate, align_corners=False).
+Channel order is the order of the variable lists; the model condition is inputs, then invariants.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import netCDF4
+import numpy as np
+import torch
+import xarray as xr
+
+from .benchmark import VARIABLES, DownscalingBenchmark
+from .terrain import STEP_DEG, SIZE, load_terrain
+
+GROUPS = ("input", "output", "invariant")
+SUPPORTED = ("hrrr-mini (netCDF4 file with groups input/output/invariant and stats.json beside it), "
+             "cwb (consolidated Zarr v2 store with cwb/era5 arrays), "
+             "xarray (netCDF or Zarr with named (time, y, x) variables; pass input_vars= and output_vars=)")
+ATTRS = {  # CF attributes of the variables this pack writes
+    "t2m": {"units": "K", "standard_name": "air_temperature", "long_name": "2 m air temperature"},
+    "u10": {"units": "m s-1", "standard_name": "eastward_wind", "long_name": "10 m eastward wind"},
+    "v10": {"units": "m s-1", "standard_name": "northward_wind", "long_name": "10 m northward wind"},
+    "elevation": {"units": "m", "standard_name": "surface_altitude", "long_name": "surface elevation, ocean 0"},
+    "land_fraction": {"units": "1", "standard_name": "land_area_fraction", "long_name": "land fraction"},
+}
+LATLON = (("lat", "latitude", "XLAT"), ("lon", "longitude", "XLONG"))
+EAGER_BYTES = 256 * 2**20  # stores smaller than this are loaded whole and scanned for NaN / inf at open
+
+
+class DataError(ValueError):
+    """A dataset that cannot be read as asked; the message says what, where and what to do."""
+
+
+class MissingVariableError(DataError):
+    """A requested variable, or its stats, is not there."""
+
+
+class GridError(DataError):
+    """Grids that disagree: a non-integer input/output factor, lat/lon or invariants of the wrong shape."""
+
+
+class NonFiniteError(DataError):
+    """NaN or inf at a valid time."""
+
+
+# ----------------------------------------------------------------------------- the in-memory / lazy view
+@dataclasses.dataclass(frozen=True)
+class Store:
+    """Lazy [T, C, h, w]: one (time, y, x) array per channel, or one (time, channel, y, x) array and picks."""
+
+    arrays: tuple[xr.Variable, ...]
+    channels: tuple[int, ...] | None = None  # picks on axis 1 of arrays[0]; None: one array per channel
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        a = self.arrays[0]
+        return (a.shape[0], len(self.arrays) if self.channels is None else len(self.channels), *a.shape[-2:])
+
+    def read(self, pos: np.ndarray) -> np.ndarray:
+        """float32 [B, C, h, w] at file time positions pos (any order, repeats allowed)."""
+        u, inv = np.unique(pos, return_inverse=True)  # backends read sorted indices best
+        if self.channels is None:
+            out = np.stack([a[u].values for a in self.arrays], axis=1)
+        else:
+            out = self.arrays[0][u][:, list(self.channels)].values
+        return out.astype(np.float32, copy=False)[inv.ravel()]
+
+    def load(self) -> Store:
+        """The same stack held in memory (selected channels only)."""
+        if self.channels is None:
+            return Store(tuple(a.load() for a in self.arrays))
+        return Store((self.arrays[0][:, list(self.channels)].load(),), tuple(range(len(self.channels))))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class DownscalingData:
+    """Inputs, outputs and invariants on the output grid [H, W], float32, physical units.
+
+    Index i runs over valid times only; store_index[i] is that time's position in the file.
+    stats has the stats.json layout {group: {var: {"mean", "std"}}} (inputs: of the stored, coarse fields).
+    """
+
+    input_vars: tuple[str, ...]
+    output_vars: tuple[str, ...]
+    invariant_vars: tuple[str, ...]
+    time: np.ndarray = dataclasses.field(repr=False)  # [T] valid times
+    lat: np.ndarray = dataclasses.field(repr=False)  # [H, W] degrees north (NaN where the file has none)
+    lon: np.ndarray = dataclasses.field(repr=False)  # [H, W] degrees east
+    stats: Mapping = dataclasses.field(repr=False)
+    input_store: Store = dataclasses.field(repr=False)  # [T_file, C_in, h, w]
+    output_store: Store = dataclasses.field(repr=False)  # [T_file, C_out, H, W]
+    invariant_fields: np.ndarray = dataclasses.field(repr=False)  # [C_inv, H, W]
+    store_index: np.ndarray = dataclasses.field(repr=False)  # [T] int
+    upsample: str = "nearest"
+    source: str = "<memory>"
+
+    def __len__(self) -> int:
+        return len(self.store_index)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.output_store.shape[-2:]
+
+    @property
+    def factor(self) -> tuple[int, int]:
+        return grid_factor(fine=self.grid, coarse=self.input_store.shape[-2:], where=self.source)
+
+    @property
+    def nbytes(self) -> int:
+        return 4 * sum(int(np.prod(s.shape)) for s in (self.input_store, self.output_store))
+
+    def variables(self, group: str) -> tuple[str, ...]:
+        if group not in GROUPS:
+            raise ValueError(f"unknown group {group!r}; use one of {GROUPS}")
+        return {"input": self.input_vars, "output": self.output_vars, "invariant": self.invariant_vars}[group]
+
+    def read(self, group: str, idx) -> np.ndarray:
+        """Stored fields [B, C, h, w] of group 'input' or 'output' (inputs not upsampled), NaN/inf checked."""
+        if group not in ("input", "output"):
+            raise ValueError(f"read(group={group!r}): use 'input' or 'output' (invariants() has the rest)")
+        k = np.atleast_1d(np.arange(len(self))[idx])
+        pos = self.store_index[k]
+        arr = (self.input_store if group == "input" else self.output_store).read(pos)
+        bad = ~np.isfinite(arr).all(axis=(-2, -1))  # [B, C]
+        if bad.any():
+            b, c = np.argwhere(bad)[0]
+            raise NonFiniteError(f"{self.source}: {group} variable {self.variables(group)[c]!r} holds NaN or inf "
+                                 f"at time index {pos[b]} of the file ({self.time[k[b]]}); fill or drop that time, "
+                                 "or mark it invalid in the store's *_valid mask")
+        return arr
+
+    def inputs(self, idx) -> np.ndarray:
+        """Inputs upsampled to the output grid [B, C_in, H, W]."""
+        return upsample(self.read("input", idx), factor=self.factor, mode=self.upsample)
+
+    def outputs(self, idx) -> np.ndarray:
+        """[B, C_out, H, W]."""
+        return self.read("output", idx)
+
+    def invariants(self) -> np.ndarray:
+        """[C_inv, H, W]."""
+        return self.invariant_fields.copy()
+
+    def mean_std(self, group: str) -> tuple[np.ndarray, np.ndarray]:
+        """Per-channel mean and std [C] (float32); a constant channel (std 0) is scaled by 1."""
+        s = [self.stats[group][v] for v in self.variables(group)]
+        mean, std = (np.array([x[k] for x in s], dtype=np.float32) for k in ("mean", "std"))
+        return mean, np.where(std > 0, std, np.float32(1))
+
+    def normalize(self, group: str, arr):
+        """Physical -> normalised, arr [..., C, H, W] numpy or torch, channels in the group's order."""
+        mean, std = (_like(a[:, None, None], arr) for a in self.mean_std(group))
+        return (arr - mean) / std
+
+    def denormalize(self, group: str, arr):
+        """Normalised -> physical, arr [..., C, H, W]."""
+        mean, std = (_like(a[:, None, None], arr) for a in self.mean_std(group))
+        return arr * std + mean
+
+    def condition(self, idx) -> np.ndarray:
+        """CorrDiff's condition [B, C_in + C_inv, H, W]: normalised inputs, then normalised invariants."""
+        x = self.normalize("input", self.inputs(idx))
+        inv = self.normalize("invariant", self.invariant_fields)  # [C_inv, H, W]
+        return np.concatenate([x, np.broadcast_to(inv, (len(x), *inv.shape))], axis=1).astype(np.float32)
+
+    def load(self) -> DownscalingData:
+        """The same data held in memory."""
+        return dataclasses.replace(self, input_store=self.input_store.load(), output_store=self.output_store.load())
+
+
+def _like(a: np.ndarray, ref):
+    return torch.as_tensor(a, dtype=ref.dtype, device=ref.device) if isinstance(ref, torch.Tensor) else a
+
+
+def grid_factor(*, fine: Sequence[int], coarse: Sequence[int], where: str) -> tuple[int, int]:
+    """Integer upsampling factor (fy, fx) from the coarse to the fine grid, or a GridError."""
+    if any(c < 1 or f % c for f, c in zip(fine, coarse)):
+        raise GridError(f"{where}: inputs are on a {coarse[0]} x {coarse[1]} grid, outputs on {fine[0]} x {fine[1]}; "
+                        "the output grid must be an integer multiple of the input grid (regrid the inputs)")
+    return fine[0] // coarse[0], fine[1] // coarse[1]
+
+
+def upsample(x: np.ndarray, *, factor: tuple[int, int], mode: str = "nearest") -> np.ndarray:
+    """[..., h, w] -> [..., h fy, w fx]: nearest (np.repeat) or bilinear (align_corners=False)."""
+    fy, fx = factor
+    if mode == "nearest":
+        return np.repeat(np.repeat(x, fy, axis=-2), fx, axis=-1)
+    if mode == "bilinear":
+        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        h, w = t.shape[-2:]
+        out = torch.nn.functional.interpolate(t.reshape(-1, 1, h, w), size=(h * fy, w * fx), mode="bilinear",
+                                              align_corners=False)
+        return out.reshape(*t.shape[:-2], h * fy, w * fx).numpy()
+    raise ValueError(f"upsample={mode!r}; use 'nearest' or 'bilinear'")
+
+
+# ----------------------------------------------------------------------------- stats and validation
+def moments(batches) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and std (ddof 0) per channel over batches [B, C, h, w], accumulated in float64 about a shift."""
+    n, s, ss, shift = 0, 0.0, 0.0, None
+    for x in batches:
+        x = np.asarray(x, dtype=np.float64)
+        shift = x.mean(axis=(0, 2, 3)) if shift is None else shift
+        d = x - shift[:, None, None]
+        n += d.shape[0] * d.shape[2] * d.shape[3]  # values per channel
+        s, ss = s + d.sum(axis=(0, 2, 3)), ss + (d**2).sum(axis=(0, 2, 3))
+    return shift + s / n, np.sqrt(np.maximum(ss / n - (s / n) ** 2, 0.0))
+
+
+def _stats_dict(names: Sequence[str], mean: np.ndarray, std: np.ndarray) -> dict:
+    return {v: {"mean": float(m), "std": float(s)} for v, m, s in zip(names, mean, std)}
+
+
+def _batches(n: int, batch_size: int):
+    return (slice(i, min(i + batch_size, n)) for i in range(0, n, batch_size))
+
+
+def compute_stats(data: DownscalingData, *, batch_size: int = 512) -> dict:
+    """Per-variable mean/std over valid times and space (stats.json layout); inputs on their stored grid."""
+    out = {g: _stats_dict(data.variables(g), *moments(data.read(g, s) for s in _batches(len(data), batch_size)))
+           for g in ("input", "output")}
+    out["invariant"] = _stats_dict(data.invariant_vars, *moments([data.invariant_fields[None]]))
+    return out
+
+
+def validate(data: DownscalingData, *, batch_size: int = 512) -> None:
+    """Scan every valid time of inputs and outputs for NaN / inf (raises NonFiniteError at the first)."""
+    for s in _batches(len(data), batch_size):
+        data.read("input", s), data.read("output", s)
+
+
+def check_stats(stats: Mapping, data: DownscalingData, *, where: str) -> None:
+    """Every selected variable has a finite mean and std."""
+    for g in GROUPS:
+        for v in data.variables(g):
+            entry = stats.get(g, {}).get(v, {})
+            if not all(np.isfinite(entry.get(k, np.nan)) for k in ("mean", "std")):
+                raise MissingVariableError(f"{where}: no finite mean/std for {g} variable {v!r} (it has "
+                                           f"{sorted(stats.get(g, {}))}); add it, or pass stats='compute'")
+
+
+def read_stats(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"no stats file at {path}; HRRR-mini keeps stats.json ({{group: {{var: {{mean, std}}}}}}) "
+                        "beside the data file: write it, pass stats=<path>, or stats='compute' to compute it")
+    return json.loads(path.read_text())
+
+
+# ----------------------------------------------------------------------------- readers
+def _pick(requested, available: Sequence[str], *, what: str, where: str) -> tuple[str, ...]:
+    """The requested names (default: all available), or one error listing what is available."""
+    if requested is None:
+        return tuple(available)
+    requested = (requested,) if isinstance(requested, str) else tuple(requested)
+    missing = [v for v in requested if v not in available]
+    if missing:
+        raise MissingVariableError(f"{where}: {what} variable(s) {missing} not found; available {what} variables: "
+                                   f"{list(available)} (pass {what}_vars= from that list)")
+    return requested
+
+
+def _store(ds: xr.Dataset, names: Sequence[str], *, group: str, where: str) -> Store:
+    """Per-variable (time, y, x) arrays of one grid."""
+    shapes = {v: ds[v].shape for v in names}
+    if not names or any(len(s) != 3 for s in shapes.values()) or len(set(shapes.values())) > 1:
+        raise GridError(f"{where}: {group} variables must be non-empty, (time, y, x) and on one grid; got {shapes}")
+    return Store(tuple(ds[v].variable for v in names))
+
+
+def _fields(ds: xr.Dataset, names: Sequence[str], *, grid: tuple[int, int], where: str) -> np.ndarray:
+    """Invariant fields [C, H, W] (float32) on the output grid."""
+    arrs = [np.asarray(ds[v].values, dtype=np.float32) for v in names]
+    bad = {v: a.shape for v, a in zip(names, arrs) if a.shape != tuple(grid)}
+    if bad:
+        raise GridError(f"{where}: invariants {bad} are not on the output grid {tuple(grid)}; regrid them")
+    return np.stack(arrs) if arrs else np.zeros((0, *grid), dtype=np.float32)
+
+
+def _latlon(ds: xr.Dataset, grid: tuple[int, int], where: str) -> tuple[np.ndarray, np.ndarray]:
+    """2-D lat, lon [H, W] from the first of LATLON found (1-D axes are meshed), NaN when absent."""
+    found = [next((np.asarray(ds[k].values, np.float64) for k in names if k in ds.variables), None) for names in LATLON]
+    if any(a is None for a in found):
+        return np.full(grid, np.nan), np.full(grid, np.nan)
+    lat, lon = np.meshgrid(*found, indexing="ij") if found[0].ndim == found[1].ndim == 1 else found
+    if lat.shape != tuple(grid) or lon.shape != tuple(grid):
+        raise GridError(f"{where}: lat {lat.shape} / lon {lon.shape} do not match the output grid {tuple(grid)}; "
+                        "they must be [y, x] (or 1-D axes) on the output grid")
+    return lat, lon
+
+
+def _assemble(*, where: str, stats, eager: bool | None, time, **fields) -> DownscalingData:
+    """Check grids and lengths, optionally load and scan, resolve stats ('compute' or a mapping)."""
+    lengths = {len(time), fields["input_store"].shape[0], fields["output_store"].shape[0]}
+    if len(lengths) > 1:
+        raise GridError(f"{where}: time, input and output lengths differ ({sorted(lengths)}); they must agree")
+    data = DownscalingData(time=np.asarray(time)[fields["store_index"]], stats={}, source=where, **fields)
+    _ = data.factor  # a GridError unless the input grid divides the output grid
+    if data.upsample not in ("nearest", "bilinear"):
+        raise ValueError(f"upsample={data.upsample!r}; use 'nearest' or 'bilinear'")
+    if len(data) == 0:
+        raise DataError(f"{where}: no valid times (every time is masked invalid or the time axis is empty)")
+    if not np.isfinite(data.invariant_fields).all():
+        bad = [v for v, f in zip(data.invariant_vars, data.invariant_fields) if not np.isfinite(f).all()]
+        raise NonFiniteError(f"{where}: invariant(s) {bad} hold NaN or inf; fill them (e.g. 0 over the sea)")
+    if (data.nbytes <= EAGER_BYTES) if eager is None else eager:
+        data = data.load()
+        validate(data)
+    stats = compute_stats(data) if isinstance(stats, str) and stats == "compute" else stats
+    stats = read_stats(stats) if isinstance(stats, (str, Path)) else stats
+    check_stats(stats, data, where=where)
+    return dataclasses.replace(data, stats=stats)
+
+
+def read_hrrr_mini(path, *, input_vars=None, output_vars=None, invariant_vars=None, upsample: str = "nearest",
+                   stats=None, eager: bool | None = None) -> DownscalingData:
+    """HRRR-mini netCDF4 file; stats default: stats.json in the same directory."""
+    path, where = Path(path), str(path)
+    with netCDF4.Dataset(path) as nc:
+        found = set(nc.groups)
+    if not {"input", "output"} <= found:
+        raise DataError(f"{where}: HRRR-mini needs groups input and output (found {sorted(found)}); {SUPPORTED}")
+    root = xr.open_dataset(path, engine="netcdf4")
+    g = {k: xr.open_dataset(path, engine="netcdf4", group=k) for k in GROUPS if k in found}
+    inv = g.get("invariant", xr.Dataset())
+    names = {k: _pick(req, list(g[k].data_vars) if k in g else [], what=k, where=f"{where} group '{k}'")
+             for k, req in zip(GROUPS, (input_vars, output_vars, invariant_vars))}
+    out = _store(g["output"], names["output"], group="output", where=where)
+    (T, _, H, W), stats = out.shape, path.parent / "stats.json" if stats is None else stats
+    lat, lon = _latlon(root, (H, W), where)
+    return _assemble(
+        where=where, stats=stats, eager=eager, time=root["time"].values if "time" in root.variables else np.arange(T),
+        input_vars=names["input"], output_vars=names["output"], invariant_vars=names["invariant"],
+        input_store=_store(g["input"], names["input"], group="input", where=where), output_store=out,
+        invariant_fields=_fields(inv, names["invariant"], grid=(H, W), where=where), lat=lat, lon=lon,
+        store_index=np.arange(T), upsample=upsample)
+
+
+def _channel_names(ds: xr.Dataset, prefix: str) -> list[str]:
+    """Channel names from *_variable, with the level appended where *_pressure is finite."""
+    names = [s.decode() if isinstance(s, bytes) else str(s) for s in ds[f"{prefix}_variable"].values]
+    levels = ds[f"{prefix}_pressure"].values if f"{prefix}_pressure" in ds.variables else [np.nan] * len(names)
+    return [n if not np.isfinite(p) else f"{n}_{p:g}" for n, p in zip(names, levels)]
+
+
+def _valid(ds: xr.Dataset, prefix: str, channels: list[int]) -> np.ndarray:
+    """[T] bool: the store's *_valid mask, (time) or (time, channel) over the selected channels."""
+    if f"{prefix}_valid" not in ds.variables:
+        return np.ones(ds[prefix].shape[0], dtype=bool)
+    v = ds[f"{prefix}_valid"].values != 0
+    return v[:, channels].all(axis=1) if v.ndim == 2 else v
+
+
+def read_cwb_zarr(path, *, input_vars=None, output_vars=None, invariant_vars=None, upsample: str = "nearest",
+                  stats=None, eager: bool | None = None) -> DownscalingData:
+    """CWB-style consolidated Zarr v2 store; stats default: *_center / *_scale; invalid times skipped."""
+    where = str(path)
+    ds = _open_zarr(Path(path))
+    need = [f"{p}{s}" for p in ("cwb", "era5") for s in ("", "_center", "_scale", "_variable")
+            if f"{p}{s}" not in ds.variables]
+    if need:
+        raise DataError(f"{where}: not a CWB-style store, it lacks {need}; supported formats: {SUPPORTED}")
+    avail = {"input": _channel_names(ds, "era5"), "output": _channel_names(ds, "cwb")}
+    names = {k: _pick(req, avail[k], what=k, where=where)
+             for k, req in (("input", input_vars), ("output", output_vars))}
+    ch = {k: [avail[k].index(v) for v in names[k]] for k in names}
+    grid_dims, latlon = ds["cwb"].dims[-2:], {n for pair in LATLON for n in pair}
+    inv_avail = [k for k, v in ds.variables.items() if v.dims == grid_dims and k not in latlon]
+    inv_names = _pick(invariant_vars, inv_avail, what="invariant", where=where)
+    T, _, H, W = ds["cwb"].shape
+    fields = _fields(ds, inv_names, grid=(H, W), where=where)
+    if stats is None:
+        stats = {k: _stats_dict(names[k], ds[f"{p}_center"].values[ch[k]], ds[f"{p}_scale"].values[ch[k]])
+                 for k, p in (("input", "era5"), ("output", "cwb"))}
+        stats["invariant"] = _stats_dict(inv_names, *moments([fields[None]]))
+    lat, lon = _latlon(ds, (H, W), where)
+    return _assemble(
+        where=where, stats=stats, eager=eager, time=ds["time"].values if "time" in ds.variables else np.arange(T),
+        input_vars=names["input"], output_vars=names["output"], invariant_vars=inv_names,
+        input_store=Store((ds["era5"].variable,), tuple(ch["input"])),
+        output_store=Store((ds["cwb"].variable,), tuple(ch["output"])), invariant_fields=fields, lat=lat, lon=lon,
+        store_index=np.flatnonzero(_valid(ds, "era5", ch["input"]) & _valid(ds, "cwb", ch["output"])),
+        upsample=upsample)
+
+
+def read_xarray(source, *, input_vars=None, output_vars=None, invariant_vars=None, upsample: str = "nearest",
+                stats=None, eager: bool | None = None) -> DownscalingData:
+    """A plain xarray dataset (path or xr.Dataset) with named variables; stats default: computed from the data."""
+    where = str(source) if not isinstance(source, xr.Dataset) else "<xarray.Dataset>"
+    ds = source if isinstance(source, xr.Dataset) else _open_plain(Path(source))
+    avail = [k for k in ds.variables if k not in ds.dims]
+    if input_vars is None or output_vars is None:
+        raise MissingVariableError(f"{where}: a plain xarray dataset needs input_vars= and output_vars= "
+                                   f"(its variables: {avail})")
+    names = {k: _pick(req, avail, what=k, where=where)
+             for k, req in zip(GROUPS, (input_vars, output_vars, invariant_vars or ()))}
+    out = _store(ds, names["output"], group="output", where=where)
+    (T, _, H, W), tdim = out.shape, ds[names["output"][0]].dims[0]
+    lat, lon = _latlon(ds, (H, W), where)
+    return _assemble(
+        where=where, stats="compute" if stats is None else stats, eager=eager,
+        time=ds[tdim].values if tdim in ds.variables else np.arange(T),
+        input_vars=names["input"], output_vars=names["output"], invariant_vars=names["invariant"],
+        input_store=_store(ds, names["input"], group="input", where=where), output_store=out,
+        invariant_fields=_fields(ds, names["invariant"], grid=(H, W), where=where), lat=lat, lon=lon,
+        store_index=np.arange(T), upsample=upsample)
+
+
+def _open_plain(path: Path) -> xr.Dataset:
+    if path.is_dir() or path.suffix == ".zarr":
+        return _open_zarr(path)
+    return xr.open_dataset(path, engine="netcdf4")
+
+
+def _open_zarr(path: Path) -> xr.Dataset:
+    """A Zarr v2 or v3 store, lazily (no dask), with consolidated metadata when it has some."""
+    v3 = path / "zarr.json"
+    consolidated = (path / ".zmetadata").is_file() or (
+        v3.is_file() and json.loads(v3.read_text()).get("consolidated_metadata") is not None)
+    return xr.open_dataset(path, engine="zarr", consolidated=consolidated, chunks=None, decode_coords=False)
+
+
+def detect_format(path: str | Path) -> str:
+    """'hrrr-mini', 'cwb' or 'xarray' from the suffix and contents, or one DataError naming what is supported."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file or directory; supported formats: {SUPPORTED}")
+    if path.is_dir() and any((path / m).exists() for m in (".zmetadata", ".zgroup", "zarr.json")):
+        names = set(_open_zarr(path).variables)
+        return "cwb" if {"cwb", "era5"} <= names else "xarray"
+    if path.is_file() and _magic(path) in (b"\x89HDF", b"CDF\x01", b"CDF\x02", b"CDF\x05"):
+        with netCDF4.Dataset(path) as nc:
+            return "hrrr-mini" if {"input", "output"} <= set(nc.groups) else "xarray"
+    raise DataError(f"{path}: not a netCDF file or Zarr store; supported formats: {SUPPORTED}")
+
+
+def _magic(path: Path) -> bytes:
+    with path.open("rb") as f:
+        return f.read(4)
+
+
+READERS = {"hrrr-mini": read_hrrr_mini, "cwb": read_cwb_zarr, "xarray": read_xarray}
+
+
+def open_dataset(path: str | Path, *, format: str = "auto", input_vars=None, output_vars=None, invariant_vars=None,
+                 upsample: str = "nearest", stats=None, eager: bool | None = None) -> DownscalingData:
+    """Open any supported format as DownscalingData.
+
+    Args:
+        stats: None (the format's own), 'compute' (from the data), a stats.json path, or a mapping in its layout.
+        eager: load the whole store and scan it for NaN / inf now; None: when it is under EAGER_BYTES.
+    """
+    if format != "auto" and format not in READERS:
+        raise DataError(f"unknown format {format!r}; supported formats: {SUPPORTED}")
+    fmt = detect_format(path) if format == "auto" else format
+    return READERS[fmt](path, input_vars=input_vars, output_vars=output_vars, invariant_vars=invariant_vars,
+                        upsample=upsample, stats=stats, eager=eager)
+
+
+# ----------------------------------------------------------------------------- atomic writers
+def _remove(path: Path) -> None:
+    shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path):
+    """Yield a temporary sibling of path; on success it replaces path, on any error it is removed."""
+    tmp, old = (path.with_name(f".{path.name}.{tag}-{os.getpid()}") for tag in ("tmp", "old"))
+    _remove(tmp), _remove(old)
+    try:
+        yield tmp
+        if path.is_dir():  # os.replace cannot overwrite a non-empty directory: move it aside first
+            os.replace(path, old)
+        os.replace(tmp, path)
+        _remove(old)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def write_stats(path: str | Path, stats: Mapping) -> Path:
+    """stats.json, atomically."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(stats, indent=1, sort_keys=True) + "\n")
+    return path
+
+
+def _cf_time(time: np.ndarray) -> tuple[np.ndarray, dict]:
+    """Numbers and CF attributes for a time axis (datetime64 -> hours since the first time)."""
+    time = np.asarray(time)
+    if not np.issubdtype(time.dtype, np.datetime64):
+        return time.astype(np.float64), {"units": "1", "long_name": "time index"}
+    t0 = time[0].astype("datetime64[s]")
+    units = f"hours since {str(t0).replace('T', ' ')}"
+    return (time - t0) / np.timedelta64(1, "h"), {"units": units, "calendar": "standard", "standard_name": "time"}
+
+
+def put_variable(group, name: str, values: np.ndarray, dims: tuple[str, ...], *, dtype: str = "f4",
+                 attrs: Mapping | None = None) -> None:
+    """One compressed netCDF4 variable with CF attributes; [..., T, H, W] is chunked ~2**16 values along T."""
+    values = np.asarray(values)
+    chunks = None
+    if values.ndim >= 3:
+        T, H, W = values.shape[-3:]
+        chunks = [1] * (values.ndim - 3) + [max(1, min(T, 2**16 // (H * W))), H, W]
+    var = group.createVariable(name, dtype, dims, zlib=True, complevel=1, shuffle=True, chunksizes=chunks)
+    attrs = {**ATTRS.get(name, {}), **(attrs or {})}
+    var.setncatts({k: v for k, v in attrs.items() if k != "_FillValue" and isinstance(v, (str, int, float))})
+    var[:] = values
+
+
+def _write_root(nc, *, time: np.ndarray, lat: np.ndarray, lon: np.ndarray, ensemble: int = 0) -> None:
+    """Root dims time, y, x (+ ensemble) and variables time, lat(y, x), lon(y, x)."""
+    dims = {"time": len(time), "y": lat.shape[0], "x": lat.shape[1], **({"ensemble": ensemble} if ensemble else {})}
+    for name, n in dims.items():
+        nc.createDimension(name, n)
+    t, t_attrs = _cf_time(time)
+    put_variable(nc, "time", t, ("time",), dtype="f8", attrs=t_attrs)
+    put_variable(nc, "lat", lat, ("y", "x"), dtype="f8", attrs={"units": "degrees_north", "standard_name": "latitude"})
+    put_variable(nc, "lon", lon, ("y", "x"), dtype="f8", attrs={"units": "degrees_east", "standard_name": "longitude"})
+
+
+def _terrain_fields(benchmark: DownscalingBenchmark) -> dict[str, np.ndarray]:
+    """elevation (m), land_fraction, lat, lon [N, N] of the benchmark's patch (flat: sea at 0N 0E)."""
+    if benchmark.terrain is not None:
+        p = load_terrain(benchmark.terrain, N=benchmark.N)
+        return {"elevation": p.elevation, "land_fraction": p.land_mask, "lat": p.lat, "lon": p.lon}
+    axis = (np.arange(benchmark.N) - (benchmark.N - 1) / 2) * STEP_DEG * SIZE / benchmark.N
+    lat, lon = np.meshgrid(axis, axis, indexing="ij")
+    zero = np.zeros((benchmark.N, benchmark.N), dtype=np.float32)
+    return {"elevation": zero, "land_fraction": zero, "lat": lat, "lon": lon}
+
+
+def write_default_dataset(path: str | Path, *, benchmark: DownscalingBenchmark, n_times: int, seed: int) -> Path:
+    """The benchmark as HRRR-mini: output = fine truth, input = coarse y = A x + e on (y_lr, x_lr), invariants.
+
+    Times are hourly from 2020-01-01. stats.json (beside the file) is computed from the written float32 data.
+    Atomic: the netCDF is written under a temporary name and renamed last, after stats.json.
+    """
+    path = Path(path)
+    x = benchmark.sample_truth(n_times, seed=seed)  # [T, 3, N, N] float64
+    y = benchmark.coarse(x, seed=seed).astype(np.float32)  # [T, 3, N/b, N/b]
+    x = x.astype(np.float32)
+    terrain = _terrain_fields(benchmark)
+    inv = np.stack([terrain["elevation"], terrain["land_fraction"]]).astype(np.float32)  # [2, N, N]
+    stats = {"input": _stats_dict(VARIABLES, *moments([y])), "output": _stats_dict(VARIABLES, *moments([x])),
+             "invariant": _stats_dict(("elevation", "land_fraction"), *moments([inv[None]]))}
+    time = np.datetime64("2020-01-01T00", "ns") + np.arange(n_times) * np.timedelta64(1, "h")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        with netCDF4.Dataset(tmp, "w", format="NETCDF4") as nc:
+            _write_root(nc, time=time, lat=terrain["lat"], lon=terrain["lon"])
+            nc.createDimension("y_lr", y.shape[-2]), nc.createDimension("x_lr", y.shape[-1])
+            nc.setncatts({"title": "fastgen-sci exact downscaling benchmark (SCIENCE.md section 2)",
+                          "source": f"{benchmark!r}, seed={seed}", "Conventions": "CF-1.8"})
+            for group, arr, dims in (("input", y, ("time", "y_lr", "x_lr")), ("output", x, ("time", "y", "x"))):
+                g = nc.createGroup(group)
+                for c, name in enumerate(VARIABLES):
+                    put_variable(g, name, arr[:, c], dims)
+            g = nc.createGroup("invariant")
+            for name, field in zip(("elevation", "land_fraction"), inv):
+                put_variable(g, name, field, ("y", "x"))
+        _remove(path)  # an old data file must not outlive the stats.json written next
+        write_stats(path.parent / "stats.json", stats)
+    return path
+
+
+def default_dataset(root: str | Path, *, benchmark: DownscalingBenchmark | None = None, n_times: int = 2000,
+                    seed: int = 0, **open_kwargs) -> DownscalingData:
+    """Open the default benchmark dataset under root/<key>/, writing it first if absent (key: benchmark, n, seed)."""
+    benchmark = benchmark or DownscalingBenchmark()
+    key = hashlib.sha1(f"{benchmark!r}|{n_times}|{seed}".encode()).hexdigest()[:12]
+    path = Path(root) / f"benchmark-{key}" / "data.nc"
+    if not path.is_file():
+        write_default_dataset(path, benchmark=benchmark, n_times=n_times, seed=seed)
+    return open_dataset(path, format="hrrr-mini", **open_kwargs)
+
+
+def write_cwb_zarr(path: str | Path, *, inputs: np.ndarray, outputs: np.ndarray, input_vars: Sequence[str],
+                   output_vars: Sequence[str], time: np.ndarray, lat: np.ndarray, lon: np.ndarray,
+                   valid: np.ndarray | None = None, stats: Mapping | None = None,
+                   invariants: np.ndarray | None = None, invariant_vars: Sequence[str] = ()) -> Path:
+    """A small CWB-style consolidated Zarr v2 store: inputs [T, C_in, H, W] (era5), outputs [T, C_out, H, W] (cwb).
+
+    valid [T] -> cwb_valid (time) and era5_valid (time, channel); stats (stats.json layout) -> *_center/*_scale,
+    computed over valid times when None. invariants [C_inv, H, W] become (south_north, west_east) arrays.
+    """
+    path, valid = Path(path), np.ones(len(outputs), bool) if valid is None else np.asarray(valid, bool)
+    if inputs.shape[-2:] != outputs.shape[-2:]:
+        raise GridError(f"write_cwb_zarr: inputs {inputs.shape} and outputs {outputs.shape} must share one grid "
+                        "(upsample the inputs first, e.g. DownscalingData.inputs)")
+    if stats is None:
+        stats = {"input": _stats_dict(input_vars, *moments([inputs[valid]])),
+                 "output": _stats_dict(output_vars, *moments([outputs[valid]]))}
+    yx = ("south_north", "west_east")
+    ds = xr.Dataset(coords={"time": ("time", np.asarray(time))})
+    for p, g, arr, names in (("era5", "input", inputs, input_vars), ("cwb", "output", outputs, output_vars)):
+        ds[p] = (("time", f"{p}_channel", *yx), np.asarray(arr, dtype=np.float32))
+        ds[f"{p}_variable"] = (f"{p}_channel",), np.array(names, dtype=str)
+        for k, s in (("center", "mean"), ("scale", "std")):
+            ds[f"{p}_{k}"] = (f"{p}_channel",), np.array([stats[g][v][s] for v in names], dtype=np.float32)
+    ds["cwb_valid"] = ("time",), valid
+    ds["era5_valid"] = ("time", "era5_channel"), np.repeat(valid[:, None], len(input_vars), axis=1)
+    ds["XLAT"] = yx, np.asarray(lat, np.float64), {"units": "degrees_north"}
+    ds["XLONG"] = yx, np.asarray(lon, np.float64), {"units": "degrees_east"}
+    for name, field in zip(invariant_vars, [] if invariants is None else invariants):
+        ds[name] = yx, np.asarray(field, np.float32), ATTRS.get(name, {})
+    chunks = {p: {"chunks": (1, *ds[p].shape[1:])} for p in ("era5", "cwb")}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        ds.to_zarr(tmp, zarr_format=2, consolidated=True, mode="w", encoding=chunks)
+    return path
+
+
+def export_cwb_zarr(path: str | Path, data: DownscalingData) -> Path:
+    """Convert loaded data (inputs upsampled to the output grid) to a CWB-style store; reads everything at once."""
+    every = slice(None)
+    return write_cwb_zarr(path, inputs=data.inputs(every), outputs=data.outputs(every), input_vars=data.input_vars,
+                          output_vars=data.output_vars, time=data.time, lat=data.lat, lon=data.lon,
+                          stats=data.stats, invariants=data.invariant_fields, invariant_vars=data.invariant_vars)
+
+
+def write_generate_netcdf(path: str | Path, *, prediction: xr.Dataset, input: xr.Dataset, truth: xr.Dataset | None,
+                          lat: np.ndarray, lon: np.ndarray, time: np.ndarray) -> Path:
+    """CorrDiff's generate output: root lat, lon (y, x), time; groups input, truth (time, y, x) and prediction
+    (ensemble, time, y, x; a 'member' dim is renamed), physical units, written atomically."""
+    path, lat = Path(path), np.asarray(lat)
+    pred = prediction.rename({"member": "ensemble"}) if "member" in prediction.dims else prediction
+    groups = {"input": (input, ("time",)), "truth": (truth, ("time",)), "prediction": (pred, ("ensemble", "time"))}
+    with atomic_path(path) as tmp, netCDF4.Dataset(tmp, "w", format="NETCDF4") as nc:
+        _write_root(nc, time=np.asarray(time), lat=lat, lon=np.asarray(lon), ensemble=pred.sizes.get("ensemble", 0))
+        for group, (ds, lead) in groups.items():
+            if ds is None:
+                continue
+            g = nc.createGroup(group)
+            want = (pred.sizes.get("ensemble"),) * (group == "prediction") + (len(time), *lat.shape)
+            for name, da in ds.data_vars.items():
+                da = da.transpose(*lead, ...)
+                if da.shape != want:
+                    raise GridError(f"write_generate_netcdf: {group} variable {name!r} has dims {dict(da.sizes)}; "
+                                    f"expected ({', '.join(lead)}, y, x) with time {len(time)} and y, x {lat.shape}")
+                put_variable(g, str(name), da.values, (*lead, "y", "x"), attrs=dict(da.attrs))
+    return path
