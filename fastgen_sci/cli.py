@@ -93,9 +93,12 @@ def build_method(cfg: DictConfig):
     return _construct(cls, kwargs, "method")
 
 
+def _trainer_kwargs(cfg: DictConfig) -> dict:
+    return {**OmegaConf.to_container(cfg.trainer, resolve=True), "seed": cfg.seed, "device": cfg.device}
+
+
 def build_trainer(cfg: DictConfig) -> Trainer:
-    return _construct(Trainer, {**OmegaConf.to_container(cfg.trainer, resolve=True), "seed": cfg.seed,
-                                "device": cfg.device}, "trainer")
+    return _construct(Trainer, _trainer_kwargs(cfg), "trainer")
 
 
 def sampler_spec(node: DictConfig) -> SamplerSpec:
@@ -123,33 +126,45 @@ def distill(cfg: DictConfig) -> None:
     """Train the student with the chosen method, save it, and write the skill/spread report."""
     run_dir, device = _run_dir(), resolve_device(cfg.device)
     pack, method, trainer = build_pack(cfg), build_method(cfg), build_trainer(cfg)
-    print(f"[1/3] distilling {cfg.domain.name} with {cfg.method.name} into {run_dir}")
+    print(f"[1/4] loading {cfg.domain.name} data and teacher")
     teacher = frozen(pack.teacher()).to(device)
+    dataset = pack.dataset()
+    print(f"[2/4] distilling with {cfg.method.name} into {run_dir}")
     players = method.players(student=pack.student(teacher), teacher=teacher)
-    summary = trainer.fit(players, pack.dataset(), run_dir)
+    summary = trainer.fit(players, dataset, run_dir)
     student = frozen(trainer.averaged(players[0]))
     path = pack.save_student(student, run_dir)
-    print(f"[2/3] sampling teacher and student ensembles ({cfg.eval.members} members per case)")
-    report, samples, cases = compare(pack=pack, teacher=teacher, student=student,
-                                     teacher_sampler=sampler_spec(cfg.teacher_sampler),
-                                     student_sampler=sampler_spec(cfg.student_sampler), members=cfg.eval.members,
-                                     seed=cfg.seed, batch_size=cfg.eval.batch_size, device=device)
+    print(f"[3/4] sampling teacher and student ensembles ({cfg.eval.members} members per case)")
+    models = {"teacher": (teacher, sampler_spec(cfg.teacher_sampler)), "student": (student, sampler_spec(cfg.student_sampler))}
+    report, samples, cases = compare(pack=pack, models=models, members=cfg.eval.members, seed=cfg.seed,
+                                     batch_size=cfg.eval.batch_size, device=device)
     report = {"domain": cfg.domain.name, "method": cfg.method.name, **report, "training": summary,
               "student_checkpoint": path.name}
-    print("[3/3] writing report")
+    print("[4/4] writing report and plots")
     write_report(report, run_dir, pack=pack, samples=samples, cases=cases)
     _print_summary(report, run_dir)
 
 
 def train_teacher(cfg: DictConfig) -> None:
-    """Train the pack's teacher network from scratch and save it next to its training log."""
-    run_dir = _run_dir()
-    pack, method, trainer = build_pack(cfg), build_method(cfg), build_trainer(cfg)
+    """Train the pack's teacher from scratch, save it, and score its ensembles (against the optimum if known)."""
+    run_dir, device = _run_dir(), resolve_device(cfg.device)
+    pack, method = build_pack(cfg), build_method(cfg)
     print(f"training a {cfg.domain.name} teacher with {cfg.method.name} into {run_dir}")
-    players = method.players(student=pack.teacher_network(), teacher=None)
-    trainer.fit(players, pack.dataset(), run_dir)
-    path = pack.save_student(frozen(trainer.averaged(players[0])), run_dir)
-    print(f"teacher saved to {path}; use it with domain.teacher={path}")
+    if hasattr(pack, "train_teacher"):  # multi-stage teachers (e.g. CorrDiff: regression, then residual)
+        teacher = pack.train_teacher(make_trainer=lambda **kw: _construct(Trainer, {**_trainer_kwargs(cfg), **kw}, "trainer"),
+                                     method=method, run_dir=run_dir)
+    else:
+        trainer = build_trainer(cfg)
+        players = method.players(student=pack.teacher_network(), teacher=None)
+        trainer.fit(players, pack.dataset(), run_dir)
+        teacher = frozen(trainer.averaged(players[0]))
+        print(f"teacher saved to {pack.save_student(teacher, run_dir, name='teacher')}")
+    report, samples, cases = compare(pack=pack, models={"teacher": (teacher.to(device), sampler_spec(cfg.teacher_sampler))},
+                                     members=cfg.eval.members, seed=cfg.seed, batch_size=cfg.eval.batch_size,
+                                     device=device)
+    report = {"domain": cfg.domain.name, "method": f"train-teacher ({cfg.method.name})", **report}
+    write_report(report, run_dir, pack=pack, samples=samples, cases=cases)
+    _print_summary(report, run_dir)
 
 
 def evaluate(cfg: DictConfig) -> None:
@@ -160,10 +175,8 @@ def evaluate(cfg: DictConfig) -> None:
     pack = build_pack(cfg)
     teacher = frozen(pack.teacher()).to(device)
     student = frozen(pack.load_student(cfg.student)).to(device)
-    members = cfg.members or cfg.eval.members
-    report, samples, cases = compare(pack=pack, teacher=teacher, student=student,
-                                     teacher_sampler=sampler_spec(cfg.teacher_sampler),
-                                     student_sampler=sampler_spec(cfg.student_sampler), members=members,
+    models = {"teacher": (teacher, sampler_spec(cfg.teacher_sampler)), "student": (student, sampler_spec(cfg.student_sampler))}
+    report, samples, cases = compare(pack=pack, models=models, members=cfg.members or cfg.eval.members,
                                      seed=cfg.seed, batch_size=cfg.eval.batch_size, device=device)
     report = {"domain": cfg.domain.name, "method": "evaluate", **report, "student_checkpoint": str(cfg.student)}
     write_report(report, run_dir, pack=pack, samples=samples, cases=cases)

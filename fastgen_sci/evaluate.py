@@ -32,21 +32,23 @@ def timed_ensemble(denoiser: Denoiser, sampler: SamplerSpec, cases: EvalCases, m
     return samples, (time.perf_counter() - t0) / (cases.n * members)
 
 
-def compare(*, pack: DomainPack, teacher: Denoiser, student: Denoiser, teacher_sampler: SamplerSpec,
-            student_sampler: SamplerSpec, members: int, seed: int, batch_size: int,
-            device: torch.device) -> tuple[dict, dict[str, Tensor], EvalCases]:
-    """Sample, time and score teacher and student ensembles over the pack's evaluation cases."""
+def compare(*, pack: DomainPack, models: Mapping[str, tuple[Denoiser, SamplerSpec]], members: int, seed: int,
+            batch_size: int, device: torch.device) -> tuple[dict, dict[str, Tensor], EvalCases]:
+    """Sample, time and score each named model's ensembles over the pack's evaluation cases."""
     cases = pack.eval_cases()
     report: dict = {"members": members, "cases": cases.n, "seed": seed, "batch_size": batch_size,
                     "device": str(device)}
     samples = {}
-    for name, model, sampler in (("teacher", teacher, teacher_sampler), ("student", student, student_sampler)):
+    for name, (model, sampler) in models.items():
         samples[name], sec = timed_ensemble(model, sampler, cases, members, seed=seed, batch_size=batch_size,
                                             device=device, desc=f"{name} ensemble ({sampler.nfe} NFE)")
         report[name] = {"nfe": sampler.nfe, "sampler": _describe(sampler), "seconds_per_member": sec,
                         **pack.score(samples[name], cases)}
     report["reference"] = pack.reference(cases, members) or {}
-    report["speedup"] = report["teacher"]["seconds_per_member"] / report["student"]["seconds_per_member"]
+    if "teacher" in samples and "student" in samples:
+        report["speedup"] = report["teacher"]["seconds_per_member"] / report["student"]["seconds_per_member"]
+        if hasattr(pack, "cross_scores"):
+            report["student_vs_teacher"] = pack.cross_scores(samples["student"], samples["teacher"], cases)
     return report, samples, cases
 
 
@@ -66,13 +68,14 @@ def write_report(report: dict, run_dir: Path, *, pack: DomainPack, samples: Mapp
 
 def markdown(report: dict) -> str:
     """The report as a markdown table: one row per score, columns teacher / student / reference."""
-    cols = [c for c in ("teacher", "student", "reference") if report.get(c)]
+    cols = [c for c in ("teacher", "student", "reference", "student_vs_teacher") if report.get(c)]
     keys = list(dict.fromkeys(k for c in cols for k, v in report[c].items() if isinstance(v, (int, float))))
     lines = [f"# {report.get('domain', '')} / {report.get('method', '')}: skill and spread", "",
              f"{report['cases']} cases x {report['members']} members, seed {report['seed']}, "
              f"batch {report['batch_size']} on {report['device']}.", "",
-             f"Teacher: {report['teacher']['sampler']}. Student: {report['student']['sampler']}.", "",
-             f"**Speedup (teacher s/member / student s/member): {report['speedup']:.1f}x**", "",
+             *[f"{who.capitalize()}: {report[who]['sampler']}." for who in ("teacher", "student") if who in report], "",
+             *([f"**Speedup (teacher s/member / student s/member): {report['speedup']:.1f}x**", ""]
+               if "speedup" in report else []),
              "| score | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for k in keys:
         lines.append(f"| {k} | " + " | ".join(_fmt(report[c].get(k)) for c in cols) + " |")

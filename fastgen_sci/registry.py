@@ -12,7 +12,7 @@ entry point group "fastgen_sci.configs" (e.g. `mypackage = "mypackage.configs"`)
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, ClassVar, Mapping, Protocol, runtime_checkable
@@ -31,12 +31,14 @@ class EvalCases:
         cond: condition tensors with a leading case dimension [N, ...], or None (unconditional).
         shape: shape of one member sample in model space, e.g. (3, 32, 32).
         truth: observed outcome per case [N, *shape] in model space, or None.
+        extra: anything else the pack needs to score or decode the cases (e.g. a regression mean).
     """
 
     n: int
     shape: tuple[int, ...]
     cond: Cond = None
     truth: Tensor | None = None
+    extra: dict = field(default_factory=dict)
 
     def cond_rows(self, case_ids: Tensor) -> Cond:
         """Condition of each row of a batch made of members of cases `case_ids` [B]."""
@@ -63,11 +65,16 @@ class DomainPack(Protocol):
 
     def reference(self, cases: EvalCases, members: int) -> dict[str, float] | None: ...
 
-    def save_student(self, student: nn.Module, run_dir: Path) -> Path: ...
+    def save_student(self, student: nn.Module, run_dir: Path, name: str = "student") -> Path: ...
 
     def load_student(self, path: str | Path) -> nn.Module: ...
 
     def plots(self, samples: Mapping[str, Tensor], cases: EvalCases, out_dir: Path) -> list[Path]: ...
+
+    # Optional: cross_scores(student, teacher, cases) -> dict (scores needing both ensembles);
+    # train_teacher(make_trainer=, method=, run_dir=) -> Denoiser (multi-stage teachers, e.g. CorrDiff);
+    # ensemble_dataset(denoiser, sampler, members=, seed=, batch_size=, device=) -> lazy xarray.Dataset and
+    # to_netcdf(ds, path) for `generate` in the domain's own units and layout.
 
 
 def _group(name: str) -> dict[str, Any]:

@@ -73,8 +73,8 @@ class ToyPack:
         """Scores of fresh exact samples: the Monte-Carlo floor of each score at this ensemble size."""
         return self.score(self.exact_samples(cases, members, seed=20_000 + self.seed), cases)
 
-    def save_student(self, student: nn.Module, run_dir: Path) -> Path:
-        return save_weights(student, Path(run_dir) / "student.safetensors",
+    def save_student(self, student: nn.Module, run_dir: Path, name: str = "student") -> Path:
+        return save_weights(student, Path(run_dir) / f"{name}.safetensors",
                             metadata={"domain": "toy", "network": json.dumps(self.net_kwargs)})
 
     def load_student(self, path: str | Path) -> nn.Module:
