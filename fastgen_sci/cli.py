@@ -184,17 +184,28 @@ def evaluate(cfg: DictConfig) -> None:
 
 
 def generate(cfg: DictConfig) -> None:
-    """Write a student ensemble for the pack's cases to a .zarr or .nc file (student=PATH out=FILE)."""
-    from .ensemble import sample_ensemble, write_dataset
+    """Write a student ensemble for the pack's cases to .zarr or .nc (student=PATH members=M out=FILE).
+
+    Written block by block; rerunning the same command resumes an interrupted run.
+    """
+    from .ensemble import MemberSampler, generate_ensemble, write_ensemble
     if not cfg.student or not cfg.out:
         raise UserError("generate needs student=PATH and out=FILE.zarr|FILE.nc")
     device = resolve_device(cfg.device)
     pack = build_pack(cfg)
     student = frozen(pack.load_student(cfg.student)).to(device)
-    cases = pack.eval_cases()
-    samples = sample_ensemble(student, sampler_spec(cfg.student_sampler), cases, cfg.members or cfg.eval.members,
-                              seed=cfg.seed, batch_size=cfg.eval.batch_size, device=device, desc="generate")
-    print(f"wrote {write_dataset(samples, cfg.out)}")
+    sampler, members = sampler_spec(cfg.student_sampler), cfg.members or cfg.eval.members
+    kwargs = dict(members=members, seed=cfg.seed, batch_size=cfg.eval.batch_size, device=device)
+    if hasattr(pack, "ensemble_dataset"):  # the domain's units, coordinates and layout
+        ds = pack.ensemble_dataset(student, sampler, **kwargs)
+    else:
+        cases = pack.eval_cases()
+        block = MemberSampler(student, sampler, cases, seed=cfg.seed, batch_size=cfg.eval.batch_size, device=device,
+                              decode=lambda x, case_ids: x[:, None])
+        ds = generate_ensemble(block, cases=cases.n, members=members, variables=["sample"], shape=cases.shape,
+                               dims=[f"dim_{i}" for i in range(len(cases.shape))], case_dim="case",
+                               attrs_global=block.attrs)
+    print(f"wrote {write_ensemble(ds, cfg.out, to_netcdf=getattr(pack, 'to_netcdf', None))}")
 
 
 def list_registered() -> int:

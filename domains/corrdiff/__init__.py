@@ -1,1 +1,4 @@
-"""Weather pack: CorrDiff-style km-scale downscaling."""
+"""CorrDiff weather-downscaling pack (see README.md)."""
+from .pack import CorrDiffPack
+
+__all__ = ["CorrDiffPack"]
