@@ -67,7 +67,7 @@ def write_report(report: dict, run_dir: Path, *, pack: DomainPack, samples: Mapp
 
 
 def markdown(report: dict) -> str:
-    """The report as a markdown table: one row per score, columns teacher / student / reference."""
+    """The report as markdown: a table of scores per model; 'score:variable' keys get one table per variable."""
     cols = [c for c in ("teacher", "student", "reference", "student_vs_teacher") if report.get(c)]
     keys = list(dict.fromkeys(k for c in cols for k, v in report[c].items() if isinstance(v, (int, float))))
     lines = [f"# {report.get('domain', '')} / {report.get('method', '')}: skill and spread", "",
@@ -75,11 +75,15 @@ def markdown(report: dict) -> str:
              f"batch {report['batch_size']} on {report['device']}.", "",
              *[f"{who.capitalize()}: {report[who]['sampler']}." for who in ("teacher", "student") if who in report], "",
              *([f"**Speedup (teacher s/member / student s/member): {report['speedup']:.1f}x**", ""]
-               if "speedup" in report else []),
-             "| score | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+               if "speedup" in report else [])]
+    groups: dict[str, list[str]] = {}
     for k in keys:
-        lines.append(f"| {k} | " + " | ".join(_fmt(report[c].get(k)) for c in cols) + " |")
-    lines += ["", *[f"![{p}]({p})" for p in report.get("plots", [])], ""]
+        groups.setdefault(k.split(":")[1] if ":" in k else "", []).append(k)
+    for group, members in groups.items():
+        lines += [f"### {group}" if group else "", "", "| score | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+        lines += [f"| {k.split(':')[0]} | " + " | ".join(_fmt(report[c].get(k)) for c in cols) + " |" for k in members]
+        lines.append("")
+    lines += [*[f"![{p}]({p})" for p in report.get("plots", [])], ""]
     return "\n".join(lines)
 
 

@@ -23,3 +23,9 @@ class GaussianDenoiser(torch.nn.Module):
 @pytest.fixture
 def gaussian_denoiser():
     return GaussianDenoiser()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cache_dir(tmp_path_factory):
+    """Generated default data goes to a per-session cache, not the user's ~/.cache."""
+    os.environ["FASTGEN_SCI_CACHE"] = str(tmp_path_factory.mktemp("fastgen_cache"))

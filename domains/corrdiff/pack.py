@@ -220,8 +220,19 @@ class CorrDiffPack:
         return self.to_physical(samples + cases.extra["mu"][:, None])
 
     def score(self, samples: Tensor, cases: EvalCases) -> dict:
+        """Per-variable skill and spread in physical units; with the benchmark, the gap to CRPS* too."""
         scores = M.ensemble_scores(self.physical(samples, cases), cases.extra["truth"], list(self.data.output_vars))
-        return {**_flat(scores["variables"], SUMMARY_KEYS), "ssr:all": scores["all"]["ssr"], "detail": scores}
+        flat = _flat(scores["variables"], SUMMARY_KEYS)
+        for v, ref in (self._optimal() or {}).items():
+            flat[f"crps_gap:{v}"] = flat[f"crps_fair:{v}"] - ref["crps_fair"]
+            flat[f"crps_gap_rel:{v}"] = flat[f"crps_gap:{v}"] / ref["crps_fair"]
+        return {**flat, "ssr:all": scores["all"]["ssr"], "detail": scores}
+
+    def _optimal(self) -> dict | None:
+        """Bayes-optimal scores per variable (benchmark data only)."""
+        if self.benchmark is None:
+            return None
+        return M.reference_scores(self.benchmark.posterior_sd(), list(self.data.output_vars))["variables"]
 
     def cross_scores(self, student: Tensor, teacher: Tensor, cases: EvalCases) -> dict:
         out = M.versus_teacher(self.physical(student, cases), self.physical(teacher, cases), cases.extra["truth"],
@@ -232,10 +243,8 @@ class CorrDiffPack:
     def reference(self, cases: EvalCases, members: int) -> dict | None:
         if self.benchmark is None:
             return None
-        sd = self.benchmark.posterior_sd()
-        ref = M.reference_scores(sd, list(self.data.output_vars), members=members)
-        flat = _flat(ref["variables"], ("crps_fair", "mae", "rmse"))
-        return {**flat, "source": ref["source"]}
+        ref = M.reference_scores(self.benchmark.posterior_sd(), list(self.data.output_vars), members=members)
+        return {**_flat(ref["variables"], ("crps_fair", "mae", "rmse", "ssr")), "source": ref["source"]}
 
     def optimal_samples(self, cases: EvalCases, members: int, seed: int = 0) -> Tensor | None:
         """Exact posterior draws in physical units [N, M, C, H, W] (benchmark data only)."""
