@@ -8,6 +8,7 @@ import pytest
 import xarray as xr
 
 from fastgen_sci.domains.corrdiff import data as D
+from fastgen_sci.domains.corrdiff import writers
 from fastgen_sci.domains.corrdiff.benchmark import VARIABLES, DownscalingBenchmark
 from fastgen_sci.domains.corrdiff.terrain import block_mean, load_terrain
 
@@ -21,8 +22,8 @@ def bench():
 
 @pytest.fixture(scope="module")
 def default_path(bench, tmp_path_factory):
-    return D.write_default_dataset(tmp_path_factory.mktemp("default") / "data.nc", benchmark=bench, n_times=T,
-                                   seed=SEED)
+    return writers.write_default_dataset(tmp_path_factory.mktemp("default") / "data.nc", benchmark=bench, n_times=T,
+                                         seed=SEED)
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +66,8 @@ def test_bilinear_upsampling_is_linear_interpolation_inside(default_path):
 
 
 def test_same_seed_writes_identical_data(bench, default_path, tmp_path):
-    again = D.write_default_dataset(tmp_path / "a" / "data.nc", benchmark=bench, n_times=T, seed=SEED)
-    other = D.write_default_dataset(tmp_path / "b" / "data.nc", benchmark=bench, n_times=T, seed=SEED + 1)
+    again = writers.write_default_dataset(tmp_path / "a" / "data.nc", benchmark=bench, n_times=T, seed=SEED)
+    other = writers.write_default_dataset(tmp_path / "b" / "data.nc", benchmark=bench, n_times=T, seed=SEED + 1)
     d0, d1, d2 = (D.open_dataset(p) for p in (default_path, again, other))
     np.testing.assert_array_equal(d0.outputs(slice(None)), d1.outputs(slice(None)))
     np.testing.assert_array_equal(d0.inputs(slice(None)), d1.inputs(slice(None)))
@@ -118,8 +119,8 @@ def test_cwb_round_trip_skips_invalid_times(tmp_path):
     a = _cwb_arrays()
     a["inputs"][2, 1, 3, 3] = np.nan  # invalid time: must be skipped, not reported
     elev = np.full((1, 16, 16), 100.0, dtype=np.float32)
-    path = D.write_cwb_zarr(tmp_path / "cwb.zarr", valid=np.arange(6) != 2, invariants=elev,
-                            invariant_vars=["elevation"], **a)
+    path = writers.write_cwb_zarr(tmp_path / "cwb.zarr", valid=np.arange(6) != 2, invariants=elev,
+                                  invariant_vars=["elevation"], **a)
     assert (path / ".zmetadata").is_file() and json.loads((path / "cwb" / ".zarray").read_text())["zarr_format"] == 2
     d = D.open_dataset(path, output_vars=["v10", "t2m"])
     assert len(d) == 5 and list(d.store_index) == [0, 1, 3, 4, 5] and d.time[2] == a["time"][3]
@@ -133,7 +134,7 @@ def test_cwb_round_trip_skips_invalid_times(tmp_path):
 
 def test_cwb_levels_name_channels_and_per_channel_valid_masks(tmp_path):
     a = _cwb_arrays(T=4)
-    ds = xr.open_zarr(D.write_cwb_zarr(tmp_path / "one.zarr", **a)).load()
+    ds = xr.open_zarr(writers.write_cwb_zarr(tmp_path / "one.zarr", **a)).load()
     ds["era5_pressure"] = ("era5_channel",), np.array([np.nan, 500.0])
     ds["era5_valid"] = ds["era5_valid"].copy(data=np.array([[1, 1], [1, 0], [0, 1], [1, 1]], dtype=bool))
     ds.to_zarr(tmp_path / "two.zarr", zarr_format=2, consolidated=True)
@@ -147,9 +148,10 @@ def test_cwb_levels_name_channels_and_per_channel_valid_masks(tmp_path):
 def test_cwb_nan_at_a_valid_time_names_variable_and_time(tmp_path):
     a = _cwb_arrays()
     a["outputs"][4, 2, 0, 5] = np.inf
-    path = D.write_cwb_zarr(tmp_path / "bad.zarr", stats={g: {v: {"mean": 0.0, "std": 1.0}
-                                                              for v in a[f"{g}_vars"]} for g in ("input", "output")},
-                            **a)
+    path = writers.write_cwb_zarr(tmp_path / "bad.zarr",
+                                  stats={g: {v: {"mean": 0.0, "std": 1.0} for v in a[f"{g}_vars"]}
+                                         for g in ("input", "output")},
+                                  **a)
     with pytest.raises(D.NonFiniteError, match=r"'v10'.*time index 4"):
         D.open_dataset(path)  # small store: scanned at open
     lazy = D.open_dataset(path, eager=False)  # big-store path: checked per batch
@@ -161,7 +163,7 @@ def test_cwb_nan_at_a_valid_time_names_variable_and_time(tmp_path):
 
 
 def test_export_cwb_from_default_data(data, tmp_path):
-    d = D.open_dataset(D.export_cwb_zarr(tmp_path / "x.zarr", data))
+    d = D.open_dataset(writers.export_cwb_zarr(tmp_path / "x.zarr", data))
     np.testing.assert_array_equal(d.inputs(slice(None)), data.inputs(slice(None)))
     np.testing.assert_array_equal(d.outputs(slice(None)), data.outputs(slice(None)))
     np.testing.assert_allclose(d.invariants(), data.invariants())
@@ -194,7 +196,7 @@ def test_missing_variable_errors_list_what_is_available(default_path, tmp_path):
         D.read_xarray(ds)
     stats = json.loads((default_path.parent / "stats.json").read_text())
     del stats["output"]["v10"]
-    D.write_stats(tmp_path / "s.json", stats)
+    writers.write_stats(tmp_path / "s.json", stats)
     with pytest.raises(D.MissingVariableError, match=r"output variable 'v10'"):
         D.open_dataset(default_path, stats=tmp_path / "s.json")
 
@@ -230,8 +232,8 @@ def test_generate_netcdf_layout(tmp_path):
     inp = xr.Dataset({v: (("time", "y", "x"), field(Tn, H, W)) for v in VARIABLES})
     lat, lon = np.meshgrid(np.arange(H) * 0.1, np.arange(W) * 0.1, indexing="ij")
     time = np.datetime64("2020-01-01T00", "ns") + np.arange(Tn) * np.timedelta64(6, "h")
-    path = D.write_generate_netcdf(tmp_path / "gen.nc", prediction=pred, input=inp, truth=inp, lat=lat, lon=lon,
-                                  time=time)
+    path = writers.write_generate_netcdf(tmp_path / "gen.nc", prediction=pred, input=inp, truth=inp, lat=lat, lon=lon,
+                                        time=time)
     with netCDF4.Dataset(path) as nc:
         assert set(nc.groups) == {"input", "truth", "prediction"} and {"lat", "lon", "time"} <= set(nc.variables)
         assert nc["lat"].dimensions == nc["lon"].dimensions == ("y", "x") and nc["time"].dimensions == ("time",)
@@ -240,8 +242,8 @@ def test_generate_netcdf_layout(tmp_path):
         assert nc["prediction/t2m"].units == "K" and nc["truth/v10"].units == "m s-1"
         np.testing.assert_array_equal(nc["prediction/u10"][:], pred["u10"].values)
     assert xr.open_dataset(path)["time"].values[1] == time[1]
-    no_truth = D.write_generate_netcdf(tmp_path / "g2.nc", prediction=pred, input=inp, truth=None, lat=lat, lon=lon,
-                                       time=time)
+    no_truth = writers.write_generate_netcdf(tmp_path / "g2.nc", prediction=pred, input=inp, truth=None, lat=lat,
+                                             lon=lon, time=time)
     with netCDF4.Dataset(no_truth) as nc:
         assert set(nc.groups) == {"input", "prediction"}
 
@@ -255,18 +257,18 @@ def test_crash_while_writing_leaves_no_file(bench, tmp_path, monkeypatch):
             raise RuntimeError("disk full")
         return real(*args, **kwargs)
 
-    real = D.put_variable
-    monkeypatch.setattr(D, "put_variable", crash)
+    real = writers.put_variable
+    monkeypatch.setattr(writers, "put_variable", crash)
     with pytest.raises(RuntimeError, match="disk full"):
-        D.write_default_dataset(tmp_path / "d" / "data.nc", benchmark=bench, n_times=4, seed=0)
+        writers.write_default_dataset(tmp_path / "d" / "data.nc", benchmark=bench, n_times=4, seed=0)
     assert list((tmp_path / "d").iterdir()) == []  # no data file, no stats.json, no temporary
     calls.clear()
     pred = xr.Dataset({"t2m": (("ensemble", "time", "y", "x"), np.zeros((1, 1, 2, 2)))})
     with pytest.raises(RuntimeError, match="disk full"):
-        D.write_generate_netcdf(tmp_path / "g.nc", prediction=pred, input=pred.isel(ensemble=0), truth=None,
-                                lat=np.zeros((2, 2)), lon=np.zeros((2, 2)), time=np.arange(1))
+        writers.write_generate_netcdf(tmp_path / "g.nc", prediction=pred, input=pred.isel(ensemble=0), truth=None,
+                                      lat=np.zeros((2, 2)), lon=np.zeros((2, 2)), time=np.arange(1))
     assert list(tmp_path.glob("*g.nc*")) == []
-    monkeypatch.setattr(D, "put_variable", real)
+    monkeypatch.setattr(writers, "put_variable", real)
     to_zarr = xr.Dataset.to_zarr
 
     def write_then_crash(self, *args, **kwargs):
@@ -275,34 +277,34 @@ def test_crash_while_writing_leaves_no_file(bench, tmp_path, monkeypatch):
 
     monkeypatch.setattr(xr.Dataset, "to_zarr", write_then_crash)
     with pytest.raises(RuntimeError, match="disk full"):
-        D.write_cwb_zarr(tmp_path / "c.zarr", **_cwb_arrays())
+        writers.write_cwb_zarr(tmp_path / "c.zarr", **_cwb_arrays())
     assert list(tmp_path.glob("*c.zarr*")) == []
 
 
 def test_crash_while_overwriting_never_pairs_old_data_with_new_stats(bench, tmp_path, monkeypatch):
-    path = D.write_default_dataset(tmp_path / "data.nc", benchmark=bench, n_times=3, seed=0)
-    write_stats = D.write_stats
+    path = writers.write_default_dataset(tmp_path / "data.nc", benchmark=bench, n_times=3, seed=0)
+    write_stats = writers.write_stats
 
     def write_then_crash(*args, **kwargs):
         write_stats(*args, **kwargs)  # the new stats.json is in place; the new data file is not yet
         raise RuntimeError("killed")
 
-    monkeypatch.setattr(D, "write_stats", write_then_crash)
+    monkeypatch.setattr(writers, "write_stats", write_then_crash)
     with pytest.raises(RuntimeError, match="killed"):
-        D.write_default_dataset(path, benchmark=bench, n_times=3, seed=1)
+        writers.write_default_dataset(path, benchmark=bench, n_times=3, seed=1)
     assert not path.exists() and [p.name for p in tmp_path.iterdir()] == ["stats.json"]
 
 
 def test_flat_terrain_dataset_has_constant_invariants_and_finite_condition(tmp_path):
     flat = DownscalingBenchmark(N=16, b=4, terrain=None)
-    d = D.open_dataset(D.write_default_dataset(tmp_path / "flat.nc", benchmark=flat, n_times=2, seed=0))
+    d = D.open_dataset(writers.write_default_dataset(tmp_path / "flat.nc", benchmark=flat, n_times=2, seed=0))
     assert d.stats["invariant"]["elevation"] == {"mean": 0.0, "std": 0.0} and np.isfinite(d.condition([0, 1])).all()
     assert np.isfinite(d.lat).all() and d.lat.shape == (16, 16)
 
 
 def test_default_dataset_is_written_once_per_configuration(bench, tmp_path):
-    d = D.default_dataset(tmp_path, benchmark=bench, n_times=3, seed=0)
+    d = writers.default_dataset(tmp_path, benchmark=bench, n_times=3, seed=0)
     stamp = os.stat(d.source).st_mtime_ns
-    assert D.default_dataset(tmp_path, benchmark=bench, n_times=3, seed=0).source == d.source
+    assert writers.default_dataset(tmp_path, benchmark=bench, n_times=3, seed=0).source == d.source
     assert os.stat(d.source).st_mtime_ns == stamp  # reused, not rewritten
-    assert D.default_dataset(tmp_path, benchmark=bench, n_times=3, seed=1).source != d.source
+    assert writers.default_dataset(tmp_path, benchmark=bench, n_times=3, seed=1).source != d.source

@@ -20,7 +20,8 @@ from fastgen_sci.registry import EvalCases, frozen
 
 from . import metrics as M
 from .benchmark import DownscalingBenchmark
-from .data import DownscalingData, default_dataset, open_dataset
+from .data import DownscalingData, open_dataset
+from .writers import default_dataset
 
 DEFAULT_TEACHER = Path(__file__).parent / "data" / "teacher"
 RESIDUAL_CLASS = "EDMPrecondSuperResolution"
@@ -272,7 +273,7 @@ class CorrDiffPack:
     def to_netcdf(self, ds, path) -> Path:
         """CorrDiff's generate layout: root lat/lon/time; groups input, truth, prediction (physical units)."""
         import xarray as xr
-        from .data import write_generate_netcdf
+        from .writers import write_generate_netcdf
 
         cases, dims = self.eval_cases(), ("time", "y", "x")
         inputs = self.data.inputs(self.split("eval"))
