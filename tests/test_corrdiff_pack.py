@@ -34,6 +34,11 @@ def test_residual_dataset_and_cases_decode_back_to_the_truth(tiny_teacher):
     cases = p.eval_cases()
     # residual truth + regression mean, denormalised, is the physical truth of the held-out times
     torch.testing.assert_close(p.physical(cases.truth[:, None], cases)[:, 0], cases.extra["truth"], rtol=1e-5, atol=1e-4)
+    # the codec round-trips and its normalised outputs have the data's per-variable moments
+    y = cases.extra["truth"]
+    torch.testing.assert_close(p.codec.decode(p.codec.encode(y, cases.extra["mu"]), cases.extra["mu"]), y, rtol=1e-5, atol=1e-4)
+    train = p.target(p.split("train"))
+    assert train.mean(dim=(0, 2, 3)).abs().max() < 0.1 and (train.std(dim=(0, 2, 3)) - 1).abs().max() < 0.1
     truth = p.data.outputs(p.split("eval"))
     torch.testing.assert_close(cases.extra["truth"], torch.from_numpy(truth), rtol=1e-5, atol=1e-4)
 
@@ -43,8 +48,7 @@ def test_exact_posterior_draws_score_like_the_optimum(tiny_teacher):
     p = pack(tiny_teacher, n_times=264, eval_times=200)
     cases = p.eval_cases()
     draws = p.optimal_samples(cases, members=8)  # physical [N, M, C, H, W]
-    mean, std = (torch.as_tensor(a, dtype=torch.float32)[:, None, None] for a in p.data.mean_std("output"))
-    residual = (draws - mean) / std - cases.extra["mu"][:, None]
+    residual = p.codec.encode(draws, cases.extra["mu"][:, None])
     scores, ref = p.score(residual, cases), p.reference(cases, 8)
     for v in ("t2m", "u10", "v10"):
         assert abs(scores[f"crps_fair:{v}"] / ref[f"crps_fair:{v}"] - 1) < 0.04, (v, scores[f"crps_fair:{v}"])
@@ -120,3 +124,21 @@ def test_bad_teacher_on_the_cli_is_one_line(tiny_teacher, tmp_path):
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("fastgen-sci: error:") and "CorrDiffRegressionUNet" in last
+
+
+@pytest.mark.slow
+def test_shipped_default_teacher_is_close_to_the_bayes_optimum():
+    """The default teacher's fair CRPS on held-out times stays within 15% of CRPS* (a worse one cannot land)."""
+    from fastgen_sci.ensemble import sample_ensemble
+    from fastgen_sci.samplers import SamplerSpec
+
+    p = CorrDiffPack(data={"path": None, "n_times": 10032, "eval_times": 32, "seed": 0,
+                           "benchmark": {"N": 32, "b": 4, "terrain": "alps"}},
+                     teacher={"regression": None, "residual": None}, batch_size=128)
+    cases = p.eval_cases()
+    samples = sample_ensemble(p.teacher(), SamplerSpec("heun", steps=18), cases, 8, seed=0, batch_size=128,
+                              progress=False)
+    scores = p.score(samples, cases)
+    for v in ("t2m", "u10", "v10"):
+        assert scores[f"crps_gap_rel:{v}"] < 0.15, (v, scores[f"crps_gap_rel:{v}"])
+        assert 0.85 < scores[f"ssr:{v}"] < 1.15, (v, scores[f"ssr:{v}"])

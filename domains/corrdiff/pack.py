@@ -18,8 +18,10 @@ from torch import Tensor, nn
 
 from fastgen_sci.registry import EvalCases, frozen
 
+from . import conditioning
 from . import metrics as M
 from .benchmark import DownscalingBenchmark
+from .codec import ResidualCodec
 from .data import DownscalingData, open_dataset
 from .writers import default_dataset
 
@@ -81,24 +83,19 @@ class CorrDiffPack:
             raise ValueError(f"data.eval_times={n_eval} must be between 1 and the {n - 1} usable times of {self.data.source}")
         return np.arange(n - n_eval) if part == "train" else np.arange(n - n_eval, n)
 
-    def condition(self, idx: np.ndarray) -> Tensor:
-        """img_lr [B, C_in + C_inv, H, W]: normalised upsampled inputs, then normalised invariants."""
-        return torch.from_numpy(np.ascontiguousarray(self.data.condition(idx)))
+    @functools.cached_property
+    def codec(self) -> ResidualCodec:
+        return ResidualCodec.of(self.data)
 
     def target(self, idx: np.ndarray) -> Tensor:
         """Normalised outputs [B, C_out, H, W]."""
-        return torch.from_numpy(np.ascontiguousarray(self.data.normalize("output", self.data.outputs(idx))))
-
-    def to_physical(self, y_norm: Tensor) -> Tensor:
-        """Normalised outputs [..., C, H, W] -> physical units."""
-        mean, std = (torch.as_tensor(a, dtype=torch.float32)[:, None, None] for a in self.data.mean_std("output"))
-        return y_norm * std + mean
+        return self.codec.normalize(torch.from_numpy(np.ascontiguousarray(self.data.outputs(idx))))
 
     @torch.no_grad()
     def mean_of(self, idx: np.ndarray) -> tuple[Tensor, Tensor]:
         """(img_lr, mu = R(img_lr)) for times idx, in batches."""
         R = self.regression()
-        img_lr = self.condition(idx)
+        img_lr = conditioning.img_lr(self.data, idx)
         mu = torch.cat([R(img_lr[i:i + self.batch_size]) for i in range(0, len(img_lr), self.batch_size)])
         return img_lr, mu
 
@@ -158,8 +155,7 @@ class CorrDiffPack:
         return CorrDiffRegression(build_regression(c_in, c_out, res, **self.network_cfg))
 
     def _shapes(self) -> tuple[int, int, tuple[int, int]]:
-        d = self.data
-        return len(d.input_vars) + len(d.invariant_vars), len(d.output_vars), d.grid
+        return conditioning.condition_channels(self.data), len(self.data.output_vars), self.data.grid
 
     def _check_fits(self, net: nn.Module, what: str) -> None:
         """Teacher and data must agree on channels and grid: say which and how."""
@@ -184,7 +180,7 @@ class CorrDiffPack:
 
         run_dir, cfg = Path(run_dir), self.training_cfg
         idx = self.split("train")
-        img_lr, y = self.condition(idx), self.target(idx)
+        img_lr, y = conditioning.img_lr(self.data, idx), self.target(idx)
         print(f"[1/2] regression mean: {cfg['regression_iterations']} iterations")
         R = self.regression_network()
         trainer = make_trainer(iterations=cfg["regression_iterations"])
@@ -214,11 +210,11 @@ class CorrDiffPack:
         img_lr, mu = self.mean_of(idx)
         y = self.target(idx)
         return EvalCases(n=len(idx), shape=tuple(y.shape[1:]), cond={"img_lr": img_lr}, truth=y - mu,
-                         extra={"mu": mu, "truth": self.to_physical(y), "time": self.data.time[idx]})
+                         extra={"mu": mu, "truth": self.codec.denormalize(y), "time": self.data.time[idx]})
 
     def physical(self, samples: Tensor, cases: EvalCases) -> Tensor:
         """Residual samples [N, M, C, H, W] -> physical fields mu + r, denormalised."""
-        return self.to_physical(samples + cases.extra["mu"][:, None])
+        return self.codec.decode(samples, cases.extra["mu"][:, None])
 
     def score(self, samples: Tensor, cases: EvalCases) -> dict:
         """Per-variable skill and spread in physical units; with the benchmark, the gap to CRPS* too."""
@@ -260,11 +256,10 @@ class CorrDiffPack:
         """The student ensemble over the evaluation times as a lazy xarray Dataset in physical units."""
         from fastgen_sci.ensemble import MemberSampler, generate_ensemble
 
-        cases, (mean, std) = self.eval_cases(), self.data.mean_std("output")
-        mean_t, std_t = (torch.as_tensor(a, dtype=torch.float32, device=device)[:, None, None] for a in (mean, std))
+        cases = self.eval_cases()
         mu = cases.extra["mu"].to(device)
         block = MemberSampler(denoiser, sampler, cases, seed=seed, batch_size=batch_size, device=device,
-                              decode=lambda x, case_ids: (x + mu[case_ids]) * std_t + mean_t)
+                              decode=lambda r, case_ids: self.codec.decode(r, mu[case_ids]))
         H, W = self.data.grid
         return generate_ensemble(block, cases=cases.n, members=members, variables=list(self.data.output_vars),
                                  shape=(H, W), coords=self._coords(cases), attrs=self._attrs(),
