@@ -108,3 +108,13 @@ def test_two_process_ddp_takes_the_same_first_step_as_one_process(tmp_path):
     for k in single:
         torch.testing.assert_close(ddp[k], single[k], rtol=1e-5, atol=1e-6)
     assert losses(tmp_path / "ddp") == pytest.approx(losses(tmp_path / "single"), rel=1e-5)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_paths_train(tmp_path, precision):
+    """Autocast (and loss scaling for fp16) run end to end; on CPU this exercises the same code as on GPU."""
+    pack, players = toy_setup()
+    before = [p.clone() for p in players[0].module.parameters()]
+    quiet(iterations=3, batch_size=16, precision=precision).fit(players, pack.dataset(), tmp_path)
+    assert all(torch.isfinite(torch.tensor(losses(tmp_path))))
+    assert any(not torch.equal(a, b) for a, b in zip(before, players[0].module.parameters()))
