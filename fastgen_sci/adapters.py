@@ -34,13 +34,17 @@ class _Adapter(nn.Module):
         self.model, self.sigma_data, self.sigma_min, self.sigma_max = model, sigma_data, sigma_min, sigma_max
 
 
-class EpsilonPrediction(_Adapter):
-    """Continuous-time VP model eps(x_t, t) with x_t = alpha x0 + sigma_t eps, alpha^2 + sigma_t^2 = 1."""
+class _VPAdapter(_Adapter):
+    """A continuous-time VP model; `sigma_to_t` maps EDM's sigma to its time (default: VP-SDE)."""
 
     def __init__(self, model: nn.Module, sigma_to_t: Callable[[Tensor], Tensor] | None = None,
                  sigma_data: float = 1.0, sigma_min: float = 0.002, sigma_max: float = 80.0):
         super().__init__(model, sigma_data, sigma_min, sigma_max)
         self.sigma_to_t = sigma_to_t or vp_sigma_to_t()
+
+
+class EpsilonPrediction(_VPAdapter):
+    """Continuous-time VP model eps(x_t, t) with x_t = alpha x0 + sigma_t eps, alpha^2 + sigma_t^2 = 1."""
 
     def forward(self, x: Tensor, sigma: Tensor, cond: Cond = None) -> Tensor:
         s = expand_sigma(sigma, x)
@@ -66,13 +70,8 @@ class DiscreteEpsilonPrediction(_Adapter):
         return x - s * self.model(x / (1 + s**2).sqrt(), t, cond)
 
 
-class VPrediction(_Adapter):
+class VPrediction(_VPAdapter):
     """VP model v(x_t, t) = alpha eps - sigma_t x0 (Salimans & Ho 2022)."""
-
-    def __init__(self, model: nn.Module, sigma_to_t: Callable[[Tensor], Tensor] | None = None,
-                 sigma_data: float = 1.0, sigma_min: float = 0.002, sigma_max: float = 80.0):
-        super().__init__(model, sigma_data, sigma_min, sigma_max)
-        self.sigma_to_t = sigma_to_t or vp_sigma_to_t()
 
     def forward(self, x: Tensor, sigma: Tensor, cond: Cond = None) -> Tensor:
         s = expand_sigma(sigma, x)
