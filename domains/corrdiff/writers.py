@@ -148,6 +148,7 @@ def default_dataset(root: str | Path, *, benchmark: DownscalingBenchmark | None 
     key = hashlib.sha1(f"{benchmark!r}|{n_times}|{seed}".encode()).hexdigest()[:12]
     path = Path(root) / f"benchmark-{key}" / "data.nc"
     if not path.is_file():
+        print(f"writing the embedded benchmark ({n_times} times, {benchmark.N} x {benchmark.N}, seed {seed}) to {path}")
         write_default_dataset(path, benchmark=benchmark, n_times=n_times, seed=seed)
     return open_dataset(path, format="hrrr-mini", **open_kwargs)
 
