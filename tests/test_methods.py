@@ -78,7 +78,7 @@ def test_ect_loss_at_r_zero_is_distance_to_data_over_t():
     loss = ect_loss(f, x, None, StepRNG(1, 0), Progress(0, 0), hp=hp)
     rng = StepRNG(1, 0)
     rng.randn(4)
-    eps = rng.randn(4, 3).double()
+    eps = rng.randn(4, 3, dtype=torch.float64)
     torch.testing.assert_close(loss, (0.01 * eps).norm(dim=1) / 0.01, rtol=1e-4, atol=1e-6)
 
 
@@ -111,3 +111,20 @@ def test_ect_drives_energy_distance_far_below_the_untrained_student(tmp_path):
     trainer.fit(players, pack.dataset(), tmp_path)
     after = ed(trainer.averaged(players[0]))
     assert after < before / 10, (before, after)  # measured: 1.13 -> 0.08 here (0.003 with the CLI defaults)
+
+
+def test_balanced_channels_weigh_each_variable_by_its_inverse_scale():
+    from fastgen_sci.methods.ect import channel_weights
+    x = torch.randn(64, 3, 8, 8, dtype=torch.float64) * torch.tensor([0.25, 0.5, 0.5], dtype=torch.float64)[:, None, None]
+    w = channel_weights(x)
+    assert abs(w.mean().item() - 1) < 1e-12
+    assert 1.9 < (w[0] / w[1]).item() < 2.1 and abs((w[1] / w[2]).item() - 1) < 0.1
+    # the balanced distance of an error proportional to each channel's scale counts every channel alike
+    hp = ECT(P_mean=math.log(0.01), P_std=1e-6, c=0.0, balance_channels=True)
+    f = GaussianFamily(1e6)
+    loss = ect_loss(f, x, None, StepRNG(3, 0), Progress(0, 0), hp=hp)
+    rng = StepRNG(3, 0)
+    rng.randn(64)
+    eps = rng.randn(64, 3, 8, 8, dtype=torch.float64)
+    want = (0.01 * eps * w.reshape(1, 3, 1, 1)).flatten(1).norm(dim=1) / 0.01
+    torch.testing.assert_close(loss, want, rtol=1e-4, atol=1e-6)

@@ -30,6 +30,7 @@ class ECT:
     ratio_limit: float = 0.999
     c: float = 1e-8  # pseudo-Huber constant; 0.06 for EDM2-size networks
     variant: str = "ct"
+    balance_channels: bool = False  # weight channels (dim 1) by 1 / RMS of the batch's targets, mean weight 1
     sigma_min: float = 0.002
     sigma_max: float = 80.0
     optimizer: str = "radam"
@@ -75,6 +76,13 @@ def euler_step(teacher: Denoiser, y_t: Tensor, t: Tensor, r: Tensor, cond: Cond)
     return y_t + (r_ - t_) * (y_t - teacher(y_t, t, cond)) / t_
 
 
+def channel_weights(x: Tensor) -> Tensor:
+    """Inverse RMS of each channel of x [B, C, ...] over the batch, normalised to mean 1; [C] float64."""
+    rms = x.double().transpose(0, 1).flatten(1).pow(2).mean(dim=1).sqrt()
+    w = 1 / rms.clamp(min=1e-12)
+    return w / w.mean()
+
+
 def ect_loss(f: nn.Module, x: Tensor, cond: Cond, rng: StepRNG, progress: Progress, *, hp: ECT,
              teacher: Denoiser | None = None) -> Tensor:
     """Pseudo-Huber distance between f(y_t, t) and sg f(y_r, r), weighted by 1/(t - r); per sample [B]."""
@@ -93,5 +101,8 @@ def ect_loss(f: nn.Module, x: Tensor, cond: Cond, rng: StepRNG, progress: Progre
     with torch.no_grad(), same_dropout(seed, x.device):
         f_r = f(y_r, r.clamp(min=hp.sigma_min), cond)
     f_r = torch.where(expand_sigma(r, x) > 0, f_r, y_r)  # at r = 0 the target is the endpoint itself
-    d = (f_t.double() - f_r.double()).flatten(1).norm(dim=1)  # float64 for stability
+    diff = f_t.double() - f_r.double()  # float64 for stability
+    if hp.balance_channels:
+        diff = diff * channel_weights(x).reshape(1, -1, *([1] * (x.ndim - 2)))
+    d = diff.flatten(1).norm(dim=1)
     return ((d**2 + hp.c**2).sqrt() - hp.c) / (t - r).double()
