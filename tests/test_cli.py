@@ -3,6 +3,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import yaml
 
@@ -88,7 +89,9 @@ def test_distill_writes_the_run_directory(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     import xarray as xr
     with xr.open_dataset(out) as ds:
-        assert ds["sample"].shape == (1, 16, 2)
+        assert ds["sample"].dims[:2] == ("member", "case")
+        assert ds["sample"].shape == (16, 1, 2)
+        assert bool(np.isfinite(ds["sample"]).all()) and float(ds["sample"].std("member").min()) > 0.01
 
 
 @pytest.mark.slow
