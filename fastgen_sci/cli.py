@@ -132,7 +132,7 @@ def distill(cfg: DictConfig) -> None:
     print(f"[2/4] distilling with {cfg.method.name} into {run_dir}")
     players = method.players(student=pack.student(teacher), teacher=teacher)
     summary = trainer.fit(players, dataset, run_dir)
-    student = frozen(trainer.averaged(players[0]))
+    student = frozen(registry.sampleable(method, trainer.averaged(players[0])))
     path = pack.save_student(student, run_dir)
     print(f"[3/4] sampling teacher and student ensembles ({cfg.eval.members} members per case)")
     models = {"teacher": (teacher, sampler_spec(cfg.teacher_sampler)), "student": (student, sampler_spec(cfg.student_sampler))}

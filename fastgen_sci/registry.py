@@ -77,6 +77,22 @@ class DomainPack(Protocol):
     # to_netcdf(ds, path) for `generate` in the domain's own units and layout.
 
 
+@runtime_checkable
+class Method(Protocol):
+    """A method: a dataclass of hyperparameters whose `players` the trainer runs."""
+
+    def players(self, *, student: nn.Module, teacher: Denoiser | None) -> list: ...  # list[train.Player]
+
+    # Optional: sampleable(trained) -> the model to sample and save, when the first player trains more
+    # than the student (sCM's log-variance head, TCM's frozen stage-1 copy, MeanFlow's time-gap embedding).
+
+
+def sampleable(method, trained: nn.Module) -> nn.Module:
+    """The model to sample from after training: `method.sampleable(trained)` if it has one, else `trained`."""
+    unwrap = getattr(method, "sampleable", None)
+    return unwrap(trained) if unwrap is not None else trained
+
+
 def _group(name: str) -> dict[str, Any]:
     return {ep.name: ep for ep in entry_points(group=name)}
 
