@@ -20,11 +20,13 @@ commands:
   train-teacher  train a teacher network by denoising score matching (method=sft)
   evaluate       score a student checkpoint (student=PATH) against the teacher
   generate       write a student ensemble (student=PATH members=M out=FILE.zarr|.nc)
+  compare        distil with each of methods=[...] on one budget and tabulate skill/spread at steps=[...]
   list           registered domains and methods
 
 examples:
   fastgen-sci distill domain=toy method=ect
   fastgen-sci distill -m domain=toy method=ect,sft trainer.iterations=500
+  fastgen-sci compare domain=corrdiff methods=[ect,scd,meanflow] steps=[1,2]
 """
 
 
@@ -125,15 +127,12 @@ def _run_dir() -> Path:
 def distill(cfg: DictConfig) -> None:
     """Train the student with the chosen method, save it, and write the skill/spread report."""
     run_dir, device = _run_dir(), resolve_device(cfg.device)
-    pack, method, trainer = build_pack(cfg), build_method(cfg), build_trainer(cfg)
+    pack = build_pack(cfg)
     print(f"[1/4] loading {cfg.domain.name} data and teacher")
     teacher = frozen(pack.teacher()).to(device)
     dataset = pack.dataset()
     print(f"[2/4] distilling with {cfg.method.name} into {run_dir}")
-    players = method.players(student=pack.student(teacher), teacher=teacher)
-    summary = trainer.fit(players, dataset, run_dir)
-    student = frozen(registry.sampleable(method, trainer.averaged(players[0])))
-    path = pack.save_student(student, run_dir)
+    student, summary, path = _train_student(cfg, pack, teacher, dataset, run_dir)
     print(f"[3/4] sampling teacher and student ensembles ({cfg.eval.members} members per case)")
     models = {"teacher": (teacher, sampler_spec(cfg.teacher_sampler)), "student": (student, sampler_spec(cfg.student_sampler))}
     report, samples, cases = compare(pack=pack, models=models, members=cfg.eval.members, seed=cfg.seed,
@@ -143,6 +142,62 @@ def distill(cfg: DictConfig) -> None:
     print("[4/4] writing report and plots")
     write_report(report, run_dir, pack=pack, samples=samples, cases=cases)
     _print_summary(report, run_dir)
+
+
+def _train_student(cfg: DictConfig, pack, teacher, dataset, run_dir: Path):
+    """Distil `teacher` with cfg.method into run_dir: (frozen student, training summary, saved checkpoint)."""
+    method, trainer = build_method(cfg), build_trainer(cfg)
+    players = method.players(student=pack.student(teacher), teacher=teacher)
+    summary = trainer.fit(players, dataset, run_dir)
+    student = frozen(registry.sampleable(method, trainer.averaged(players[0])))
+    return student, summary, pack.save_student(student, run_dir)
+
+
+FEW_STEP_SAMPLERS = ("few_step", "flow_map")
+
+
+def compare_methods(cfg: DictConfig) -> None:
+    """Distil the teacher with each of `methods` on the same budget and seeds; score each at each of `steps`."""
+    from hydra import compose
+    from hydra.core.hydra_config import HydraConfig
+
+    from .evaluate import write_method_table
+    run_dir, device = _run_dir(), resolve_device(cfg.device)
+    methods, steps = [str(m) for m in cfg.methods], [int(k) for k in cfg.steps]
+    known = registry.methods()
+    if unknown := [m for m in methods if m not in known]:
+        raise UserError(f"compare: unknown method(s) {unknown}; valid: {', '.join(sorted(known))}")
+    if bad := [k for k in steps if k != 1 and str(k) not in cfg.few_step_sigmas]:
+        raise UserError(f"compare: no intermediate sigmas for {bad} steps; set few_step_sigmas.'K'=[...] "
+                        f"(configured: {sorted(cfg.few_step_sigmas)})")
+    budget = {"trainer.iterations": cfg.trainer.iterations, "trainer.batch_size": cfg.trainer.batch_size}
+    keep = [o for o in HydraConfig.get().overrides.task
+            if not o.split("=")[0].lstrip("+~").startswith(("method", "methods", "steps", "run_dir", "hydra."))]
+    pack = build_pack(cfg)
+    print(f"[1/3] loading {cfg.domain.name} data and teacher; {len(methods)} methods x "
+          f"{budget['trainer.iterations']} iterations x {budget['trainer.batch_size']} images each")
+    teacher = frozen(pack.teacher()).to(device)
+    dataset = pack.dataset()
+    models, training = {"teacher": (teacher, sampler_spec(cfg.teacher_sampler))}, {}
+    for i, m in enumerate(methods):
+        sub = compose("config", overrides=[*keep, f"method={m}", *(f"{k}={v}" for k, v in budget.items())])
+        print(f"[2/3] ({i + 1}/{len(methods)}) distilling with {m} into {run_dir / m}")
+        student, training[m], _ = _train_student(sub, pack, teacher, dataset, run_dir / m)
+        base = OmegaConf.to_container(sub.student_sampler, resolve=True)
+        for k in steps:  # few-step students get K - 1 intermediate sigmas; diffusion students K solver steps
+            if base["name"] in FEW_STEP_SAMPLERS:
+                base["sigmas"] = [] if k == 1 else list(cfg.few_step_sigmas[str(k)])
+            else:
+                base["steps"] = k
+            models[f"{m}@{k}"] = (student, sampler_spec(OmegaConf.create(base)))
+    print(f"[3/3] sampling and scoring {len(models)} ensembles ({cfg.eval.members} members per case)")
+    report, samples, cases = compare(pack=pack, models=models, members=cfg.eval.members, seed=cfg.seed,
+                                     batch_size=cfg.eval.batch_size, device=device)
+    report = {"domain": cfg.domain.name, "methods": methods, "steps": steps, **report, "training": training,
+              "budget_images": budget["trainer.iterations"] * budget["trainer.batch_size"]}
+    table = write_method_table(report, run_dir)
+    print(table.read_text())
+    print(f"report: {table}")
 
 
 def train_teacher(cfg: DictConfig) -> None:
@@ -227,7 +282,7 @@ def _print_summary(report: dict, run_dir: Path) -> None:
 
 
 COMMANDS = {"distill": distill, "train-teacher": train_teacher, "evaluate": evaluate, "generate": generate,
-            "list": list_registered}
+            "compare": compare_methods, "list": list_registered}
 
 if __name__ == "__main__":
     sys.exit(main())

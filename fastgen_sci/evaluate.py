@@ -45,10 +45,14 @@ def compare(*, pack: DomainPack, models: Mapping[str, tuple[Denoiser, SamplerSpe
         report[name] = {"nfe": sampler.nfe, "sampler": _describe(sampler), "seconds_per_member": sec,
                         **pack.score(samples[name], cases)}
     report["reference"] = pack.reference(cases, members) or {}
-    if "teacher" in samples and "student" in samples:
-        report["speedup"] = report["teacher"]["seconds_per_member"] / report["student"]["seconds_per_member"]
+    for name in [n for n in samples if n != "teacher" and "teacher" in samples]:
+        report[name]["speedup"] = report["teacher"]["seconds_per_member"] / report[name]["seconds_per_member"]
         if hasattr(pack, "cross_scores"):
-            report["student_vs_teacher"] = pack.cross_scores(samples["student"], samples["teacher"], cases)
+            report.setdefault("vs_teacher", {})[name] = pack.cross_scores(samples[name], samples["teacher"], cases)
+    if "student" in samples and "teacher" in samples:  # the distill report's headline keys
+        report["speedup"] = report["student"]["speedup"]
+        if "vs_teacher" in report:
+            report["student_vs_teacher"] = report.pop("vs_teacher")["student"]
     return report, samples, cases
 
 
@@ -85,6 +89,84 @@ def markdown(report: dict) -> str:
         lines.append("")
     lines += [*[f"![{p}]({p})" for p in report.get("plots", [])], ""]
     return "\n".join(lines)
+
+
+def method_rows(report: dict) -> list[dict]:
+    """One row per compared student (method@steps): NFE, scores, scores against the teacher, cost."""
+    rows = []
+    for name in [n for n in report if "@" in n and isinstance(report[n], dict)]:
+        method, steps = name.split("@")
+        r, train = report[name], report.get("training", {}).get(method, {})
+        rows.append({"method": method, "steps": int(steps), "nfe": r["nfe"],
+                     **{k: v for k, v in r.items() if isinstance(v, float) and k not in ("seconds_per_member", "speedup")},
+                     **{k: v for k, v in report.get("vs_teacher", {}).get(name, {}).items() if isinstance(v, float)},
+                     "speedup": r.get("speedup"), "train_seconds": train.get("seconds"),
+                     "peak_memory_mb": train["peak_memory_bytes"] / 2**20 if train.get("peak_memory_bytes") else None})
+    return rows
+
+
+def write_method_table(report: dict, run_dir: Path) -> Path:
+    """compare.json, compare.md (one row per method and step count, per-variable scores joined by '/'), and
+    compare.png; returns the markdown path."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    rows = method_rows(report)
+    report["rows"] = rows
+    write_json(run_dir / "compare.json", report)
+    first = ["method", "steps", "nfe"]
+    last = ["speedup", "train_seconds", "peak_memory_mb"]
+    bases = list(dict.fromkeys(k.split(":")[0] for r in rows for k in r if k not in first + last))
+    variables = list(dict.fromkeys(k.split(":")[1] for r in rows for k in r if ":" in k))
+    ref = report.get("reference", {})
+    head = ["method", "steps", "NFE", *bases, "speedup", "train s", "peak MB"]
+    lines = [f"# {report.get('domain', '')}: methods compared", "",
+             f"Same teacher, {report.get('budget_images', '?')} training images and seed {report['seed']} each; "
+             f"{report['cases']} cases x {report['members']} members. Teacher: {report['teacher']['sampler']}."
+             + (f" Per-variable scores are {' / '.join(variables)}." if variables else ""), "",
+             "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+
+    def cells(r: dict) -> str:
+        return " | ".join(" / ".join(_fmt(r.get(f"{b}:{v}")) for v in variables if f"{b}:{v}" in r) or _fmt(r.get(b))
+                          for b in bases)
+
+    for who, r in (("teacher", report["teacher"]), ("reference", ref)):
+        if r:
+            lines.append(f"| {who} | | {_fmt(r.get('nfe'))} | {cells(r)} | | | |")
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['steps']} | {r['nfe']} | {cells(r)} | {_fmt(r['speedup'])} "
+                     f"| {_fmt(r['train_seconds'])} | {_fmt(r['peak_memory_mb'])} |")
+    plot = _plot_methods(rows, variables, run_dir)
+    lines += ["", f"![{plot.name}]({plot.name})" if plot else "", ""]
+    md = run_dir / "compare.md"
+    md.write_text("\n".join(lines))
+    return md
+
+
+def _plot_methods(rows: list[dict], variables: list[str], run_dir: Path) -> Path | None:
+    """Bars of the CRPS gap to the teacher and the SSR per student, when the domain reports them."""
+    panels = [(b, lab) for b, lab in (("crps_rel_gap", "fair CRPS gap to teacher"), ("ssr", "spread-skill ratio"))
+              if any(k.startswith(b) for r in rows for k in r)]
+    if not rows or not panels:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.5), squeeze=False)
+    names = [f"{r['method']}@{r['steps']}" for r in rows]
+    for ax, (base, label) in zip(axes[0], panels):
+        keys = [f"{base}:{v}" for v in variables] or [base]
+        width = 0.8 / len(keys)
+        for j, k in enumerate(keys):
+            ax.bar([i + j * width for i in range(len(rows))], [r.get(k, float("nan")) for r in rows], width,
+                   label=k.split(":")[-1])
+        ax.axhline(1.0 if base == "ssr" else 0.0, color="k", lw=0.8)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rows))], names, rotation=45, ha="right")
+        ax.set_title(label)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = run_dir / "compare.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def plot_training(run_dir: Path) -> Path | None:

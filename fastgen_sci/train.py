@@ -108,7 +108,8 @@ class Trainer:
         batches = _BatchIndices(len(dataset), self.batch_size, self.seed, rank, world)
         bar = tqdm(total=self.iterations, initial=start, disable=rank != 0 or not self.progress_bar,
                    desc="train", unit="it", dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 15)
-        t0, peak = time.perf_counter(), 0
+        t0 = time.perf_counter()
+        reset_peak_memory(device)
         row: dict = {}
         for it in range(start, self.iterations):
             # --- batch and per-iteration randomness -------------------------------------------
@@ -141,8 +142,6 @@ class Trainer:
             save_now = (self.checkpoint_every and (it + 1) % self.checkpoint_every == 0) or it + 1 == self.iterations
             row["seconds"] = time.perf_counter() - t0
             log.write(row, flush=save_now or (it + 1) % self.log_every == 0)
-            if device.type == "cuda":
-                peak = max(peak, torch.cuda.max_memory_allocated(device))
             bar.update(1)
             bar.set_postfix({k.split("/")[1]: f"{v:.4g}" for k, v in row.items() if k.startswith("loss/")}
                             | {"img/s": f"{(it + 1 - start) * self.batch_size / row['seconds']:.0f}"}, refresh=False)
@@ -159,7 +158,8 @@ class Trainer:
         return {"iterations": self.iterations, "resumed_from": start, "seconds": seconds,
                 "iterations_per_second": done / seconds if done else 0.0,
                 "images_per_second": done * self.batch_size / seconds if done else 0.0,
-                "peak_memory_bytes": peak, "final": {k: v for k, v in row.items() if "/" in k}}
+                "peak_memory_bytes": peak_memory(device), "peak_memory_of": _PEAK_OF[device.type == "cuda"],
+                "final": {k: v for k, v in row.items() if "/" in k}}
 
     def _ema_beta(self, it: int) -> float:
         halflife = self.ema_halflife_images
@@ -182,6 +182,34 @@ def resolve_device(device: str = "auto") -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")
+
+
+_PEAK_OF = {True: "torch.cuda.max_memory_allocated", False: "process peak resident set (VmHWM)"}
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak-memory window: CUDA's allocator peak, or on CPU the process's VmHWM (Linux)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+    except OSError:
+        pass  # elsewhere the peak covers the whole process
+
+
+def peak_memory(device: torch.device) -> int:
+    """Peak bytes since reset_peak_memory: CUDA allocations, or the CPU process's resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _init_distributed() -> tuple[int, int]:

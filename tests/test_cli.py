@@ -110,3 +110,24 @@ def test_wrong_student_checkpoint_is_one_line(tmp_path):
     proc = run_cli("evaluate", "domain=toy", f"student={bad}", f"run_dir={tmp_path / 'e'}", cwd=tmp_path)
     assert proc.returncode == 2
     assert "is not a readable safetensors file" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_compare_tabulates_methods_on_one_budget(tmp_path):
+    proc = run_cli("compare", "methods=[ect,sft]", "steps=[1,2]", "trainer.iterations=20", "eval.members=200",
+                   "domain.hidden=16", "teacher_sampler.steps=4", f"run_dir={tmp_path / 'cmp'}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    rows = {(r["method"], r["steps"]): r for r in report["rows"]}
+    assert set(rows) == {("ect", 1), ("ect", 2), ("sft", 1), ("sft", 2)}
+    assert [rows["ect", k]["nfe"] for k in (1, 2)] == [1, 2]
+    assert [rows["sft", k]["nfe"] for k in (1, 2)] == [1, 3]  # a diffusion student: K Heun steps
+    for (m, k), r in rows.items():
+        assert r["speedup"] == pytest.approx(report["teacher"]["seconds_per_member"] / report[f"{m}@{k}"]["seconds_per_member"])
+        assert r["energy_distance"] == report[f"{m}@{k}"]["energy_distance"]
+    for m in ("ect", "sft"):  # the same budget in images, each in its own run directory
+        lines = (tmp_path / "cmp" / m / "metrics.csv").read_text().splitlines()
+        assert len(lines) == 1 + 20 and lines[-1].split(",")[1] == str(20 * 256)
+    table = (tmp_path / "cmp" / "compare.md").read_text()
+    assert "| ect | 2 | 2 |" in table and "energy_distance" in table
+    bad = run_cli("compare", "methods=[ect,nope]", cwd=tmp_path)
+    assert bad.returncode != 0 and "unknown method(s) ['nope']" in bad.stderr
