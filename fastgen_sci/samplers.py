@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .denoiser import Cond, Denoiser
+from .denoiser import Cond, Denoiser, FlowMap
 from .noise import karras_sigmas
 
 RandnLike = Callable[[Tensor], Tensor]
@@ -64,12 +64,20 @@ def few_step(denoiser: Denoiser, x: Tensor, sigmas: Tensor, cond: Cond = None, *
     return x0_hat
 
 
+@torch.no_grad()
+def flow_map(model: FlowMap, x: Tensor, sigmas: Tensor, cond: Cond = None) -> Tensor:
+    """Flow-map steps x <- model.flow_map(x, sigma_i, sigma_i+1) along the grid (two-time students, e.g. MeanFlow)."""
+    for s_cur, s_next in zip(sigmas[:-1], sigmas[1:]):
+        x = model.flow_map(x, _at(s_cur, x), _at(s_next, x), cond)
+    return x
+
+
 @dataclass(frozen=True)
 class SamplerSpec:
-    """Which sampler and which sigma grid: `heun`/`euler` over a Karras grid, or `few_step`.
+    """Which sampler and which sigma grid: `heun`/`euler` over a Karras grid, or `few_step`/`flow_map`.
 
     Args:
-        sigmas: `few_step`'s intermediate levels after sigma_max: [] is one step, [0.821] two steps.
+        sigmas: `few_step`'s and `flow_map`'s intermediate levels after sigma_max: [] is one step, [0.821] two.
         sigma_min, sigma_max: grid ends; None takes the denoiser's own range.
     """
 
@@ -93,7 +101,7 @@ class SamplerSpec:
     def grid(self, denoiser: Denoiser) -> Tensor:
         """The sigma grid, ending in 0 (float64)."""
         hi = self.sigma_max if self.sigma_max is not None else denoiser.sigma_max
-        if self.name == "few_step":
+        if self.name in STEP_LISTS:
             return torch.tensor([hi, *self.sigmas, 0.0], dtype=torch.float64)
         lo = self.sigma_min if self.sigma_min is not None else denoiser.sigma_min
         return karras_sigmas(self.steps, lo, hi, self.rho)
@@ -101,7 +109,7 @@ class SamplerSpec:
     @property
     def nfe(self) -> int:
         """Network evaluations per sample."""
-        if self.name == "few_step":
+        if self.name in STEP_LISTS:
             return 1 + len(self.sigmas)
         return 2 * self.steps - 1 if self.name == "heun" else self.steps
 
@@ -114,8 +122,14 @@ class SamplerSpec:
             return euler(denoiser, x, sigmas, cond)
         if self.name == "few_step":
             return few_step(denoiser, x, sigmas, cond, randn_like=randn_like)
+        if self.name == "flow_map":
+            if not isinstance(denoiser, FlowMap):
+                raise ValueError(f"sampler 'flow_map' needs a two-time model with .flow_map(x, sigma, sigma_r, cond) "
+                                 f"(e.g. a MeanFlow student); a {type(denoiser).__name__} has none: use few_step")
+            return flow_map(denoiser, x, sigmas, cond)
         return heun(denoiser, x, sigmas, cond, S_churn=self.S_churn, S_min=self.S_min, S_max=self.S_max,
                     S_noise=self.S_noise, randn_like=randn_like)
 
 
-SAMPLERS = {"euler": euler, "heun": heun, "few_step": few_step}
+SAMPLERS = {"euler": euler, "heun": heun, "few_step": few_step, "flow_map": flow_map}
+STEP_LISTS = ("few_step", "flow_map")  # samplers whose grid is [sigma_max, *sigmas, 0]

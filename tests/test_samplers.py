@@ -7,7 +7,7 @@ import torch
 from fastgen_sci.ensemble import sample_ensemble
 from fastgen_sci.noise import karras_sigmas
 from fastgen_sci.registry import EvalCases
-from fastgen_sci.samplers import SamplerSpec, euler, few_step, heun
+from fastgen_sci.samplers import SamplerSpec, euler, few_step, flow_map, heun
 
 
 def exact_flow(x_T, s, sigma_max):
@@ -58,6 +58,37 @@ def test_sampler_spec_nfe_and_grid(gaussian_denoiser):
         SamplerSpec("dpm")
     with pytest.raises(ValueError, match="decreasing"):
         SamplerSpec("few_step", sigmas=[0.1, 1.0])
+
+
+class GaussianFlowMap(torch.nn.Module):
+    """The exact flow map of N(0, s^2) data, x(sigma_r) = x(sigma) sqrt((s^2 + sigma_r^2) / (s^2 + sigma^2))."""
+
+    def __init__(self, s: float = 0.7):
+        super().__init__()
+        self.s, self.sigma_data, self.sigma_min, self.sigma_max = s, s, 0.002, 80.0
+        self.calls = 0
+
+    def flow_map(self, x, sigma, sigma_r, cond=None):
+        self.calls += 1
+        ratio = ((self.s**2 + sigma_r**2) / (self.s**2 + sigma**2)).sqrt().reshape(-1, *([1] * (x.ndim - 1)))
+        return x * ratio.to(x.dtype)
+
+
+@pytest.mark.parametrize("sigmas", [[], [2.0], [10.0, 1.0, 0.1]])
+def test_flow_map_sampler_follows_the_exact_map_in_any_number_of_steps(sigmas):
+    model = GaussianFlowMap()
+    noise = torch.randn(500, 3, dtype=torch.float64)
+    spec = SamplerSpec("flow_map", sigmas=sigmas)
+    out = spec(model, noise)
+    torch.testing.assert_close(out, exact_flow(80.0 * noise, model.s, 80.0))
+    assert spec.nfe == model.calls == 1 + len(sigmas)
+    assert spec.grid(model).tolist() == [80.0, *sigmas, 0.0]
+    torch.testing.assert_close(flow_map(model, 80.0 * noise, spec.grid(model)), out)
+
+
+def test_flow_map_sampler_needs_a_flow_map(gaussian_denoiser):
+    with pytest.raises(ValueError, match="flow_map"):
+        SamplerSpec("flow_map")(gaussian_denoiser, torch.randn(2, 2))
 
 
 @pytest.mark.parametrize("spec", [SamplerSpec("few_step", sigmas=[2.0, 0.5]),
