@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import tempfile
 import time
 
@@ -22,15 +21,7 @@ from fastgen_sci.evaluate import timed_ensemble
 from fastgen_sci.methods.ect import ECT
 from fastgen_sci.registry import frozen
 from fastgen_sci.samplers import SamplerSpec
-from fastgen_sci.train import Trainer, resolve_device
-
-
-def peak_memory(device: torch.device) -> dict:
-    """Peak resident memory of this process (CPU) and peak allocated CUDA memory, in MiB."""
-    out = {"cpu_max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    if device.type == "cuda":
-        out["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
-    return out
+from fastgen_sci.train import Trainer, peak_memory, reset_peak_memory, resolve_device
 
 
 def main() -> None:
@@ -53,10 +44,11 @@ def main() -> None:
     rates = {}
     for name, model, sampler in (("teacher", teacher, SamplerSpec("heun", steps=18)),
                                  ("student", student, SamplerSpec("few_step"))):
+        reset_peak_memory(device)
         _, sec = timed_ensemble(model, sampler, cases, args.members, seed=0, batch_size=args.batch_size,
                                 device=device, desc=name)
-        rates[name] = {"nfe": sampler.nfe, "members_per_second": 1 / sec}
-    players = ECT(sigma_max=800.0).players(student=pack.student(teacher), teacher=teacher)
+        rates[name] = {"nfe": sampler.nfe, "members_per_second": 1 / sec, "peak_memory_mib": peak_memory(device) / 2**20}
+    players = ECT(variant="cd", sigma_max=800.0).players(student=pack.student(teacher), teacher=teacher)
     trainer = Trainer(iterations=args.iterations, batch_size=args.train_batch_size, device=str(device),
                       progress_bar=False, tensorboard=False)
     with tempfile.TemporaryDirectory() as run_dir:
@@ -67,9 +59,10 @@ def main() -> None:
         "grid": list(pack.data.grid), "cases": cases.n, "members": args.members, "batch_size": args.batch_size,
         "sampling": rates,
         "speedup_members_per_second": rates["student"]["members_per_second"] / rates["teacher"]["members_per_second"],
-        "distill": {"method": "ect-ct", "batch_size": args.train_batch_size, "iterations": args.iterations,
-                    "iterations_per_second": summary["iterations_per_second"]},
-        "peak_memory": peak_memory(device), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "distill": {"method": "ect-cd", "batch_size": args.train_batch_size, "iterations": args.iterations,
+                    "iterations_per_second": summary["iterations_per_second"],
+                    "peak_memory_mib": summary["peak_memory_bytes"] / 2**20, "peak_memory_of": summary["peak_memory_of"]},
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }, indent=2))
 
 

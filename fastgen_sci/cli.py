@@ -10,7 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 from . import registry
 from .evaluate import compare, write_report
 from .registry import frozen
-from .samplers import SamplerSpec
+from .samplers import STEP_LISTS, SamplerSpec
 from .train import Trainer, resolve_device
 
 USAGE = """usage: fastgen-sci <command> [key=value ...] [-m for a multirun sweep]
@@ -153,9 +153,6 @@ def _train_student(cfg: DictConfig, pack, teacher, dataset, run_dir: Path):
     return student, summary, pack.save_student(student, run_dir)
 
 
-FEW_STEP_SAMPLERS = ("few_step", "flow_map")
-
-
 def compare_methods(cfg: DictConfig) -> None:
     """Distil the teacher with each of `methods` on the same budget and seeds; score each at each of `steps`."""
     from hydra import compose
@@ -179,13 +176,15 @@ def compare_methods(cfg: DictConfig) -> None:
     teacher = frozen(pack.teacher()).to(device)
     dataset = pack.dataset()
     models, training = {"teacher": (teacher, sampler_spec(cfg.teacher_sampler))}, {}
-    for i, m in enumerate(methods):
-        sub = compose("config", overrides=[*keep, f"method={m}", *(f"{k}={v}" for k, v in budget.items())])
+    levels = sorted({float(v) for k in steps if k > 1 for v in cfg.few_step_sigmas[str(k)]}, reverse=True)
+    for i, m in enumerate(methods):  # student_sampler.sigmas: every level scored, for methods that train levels (KD)
+        sub = compose("config", overrides=[*keep, f"method={m}", *(f"{k}={v}" for k, v in budget.items()),
+                                           f"++student_sampler.sigmas={levels}"])
         print(f"[2/3] ({i + 1}/{len(methods)}) distilling with {m} into {run_dir / m}")
         student, training[m], _ = _train_student(sub, pack, teacher, dataset, run_dir / m)
         base = OmegaConf.to_container(sub.student_sampler, resolve=True)
         for k in steps:  # few-step students get K - 1 intermediate sigmas; diffusion students K solver steps
-            if base["name"] in FEW_STEP_SAMPLERS:
+            if base["name"] in STEP_LISTS:
                 base["sigmas"] = [] if k == 1 else list(cfg.few_step_sigmas[str(k)])
             else:
                 base["steps"] = k

@@ -13,7 +13,7 @@ from .checkpoint import write_json
 from .denoiser import Denoiser
 from .ensemble import sample_ensemble
 from .registry import DomainPack, EvalCases
-from .samplers import SamplerSpec
+from .samplers import STEP_LISTS, SamplerSpec
 from .train import read_metrics
 
 
@@ -192,8 +192,8 @@ def plot_training(run_dir: Path) -> Path | None:
 
 
 def _describe(sampler: SamplerSpec) -> str:
-    if sampler.name == "few_step":
-        return f"few_step, {sampler.nfe} step(s), intermediate sigmas {list(sampler.sigmas)}"
+    if sampler.name in STEP_LISTS:
+        return f"{sampler.name}, {sampler.nfe} step(s), intermediate sigmas {list(sampler.sigmas)}"
     return f"{sampler.name} {sampler.steps} steps rho {sampler.rho}" + (f" churn {sampler.S_churn}" if sampler.S_churn else "")
 
 
