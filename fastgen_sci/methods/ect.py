@@ -91,18 +91,30 @@ def ect_loss(f: nn.Module, x: Tensor, cond: Cond, rng: StepRNG, progress: Progre
     t = lognormal_sigma(x.shape[0], P_mean=hp.P_mean, P_std=hp.P_std, rng=rng).clamp(hp.sigma_min, hp.sigma_max)
     t = t.to(x)  # [B]
     r = ect_r(t, ratio, hp.k)  # [B]
-    eps = rng.randn_like(x)
-    y_t = x + expand_sigma(t, x) * eps
-    with torch.no_grad():
-        y_r = x + expand_sigma(r, x) * eps if teacher is None else euler_step(teacher, y_t, t, r, cond)
+    y_t, y_r = trajectory_pair(x, t, r, cond, rng, teacher)
     seed = rng.seed()
     with same_dropout(seed, x.device):
         f_t = f(y_t, t, cond)
     with torch.no_grad(), same_dropout(seed, x.device):
         f_r = f(y_r, r.clamp(min=hp.sigma_min), cond)
     f_r = torch.where(expand_sigma(r, x) > 0, f_r, y_r)  # at r = 0 the target is the endpoint itself
-    diff = f_t.double() - f_r.double()  # float64 for stability
-    if hp.balance_channels:
+    return pseudo_huber(f_t, f_r, x, c=hp.c, balance_channels=hp.balance_channels) / (t - r).double()
+
+
+def trajectory_pair(x: Tensor, t: Tensor, r: Tensor, cond: Cond, rng: StepRNG,
+                    teacher: Denoiser | None) -> tuple[Tensor, Tensor]:
+    """(y_t, y_r) on one trajectory: shared noise (CT), or y_r one teacher Euler step from y_t (CD)."""
+    eps = rng.randn_like(x)
+    y_t = x + expand_sigma(t, x) * eps
+    with torch.no_grad():
+        y_r = x + expand_sigma(r, x) * eps if teacher is None else euler_step(teacher, y_t, t, r, cond)
+    return y_t, y_r
+
+
+def pseudo_huber(f_t: Tensor, f_r: Tensor, x: Tensor, *, c: float, balance_channels: bool) -> Tensor:
+    """sqrt(d^2 + c^2) - c with d = ||f_t - f_r||_2 per sample, in float64 (ECT); channels optionally balanced."""
+    diff = f_t.double() - f_r.double()
+    if balance_channels:
         diff = diff * channel_weights(x).reshape(1, -1, *([1] * (x.ndim - 2)))
     d = diff.flatten(1).norm(dim=1)
-    return ((d**2 + hp.c**2).sqrt() - hp.c) / (t - r).double()
+    return (d**2 + c**2).sqrt() - c

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from ..denoiser import Cond, Denoiser, expand_sigma
 from ..rng import StepRNG
 from ..train import Player, Progress
-from .ect import ECT, channel_weights, ect_loss, ect_r, ect_ratio, euler_step, same_dropout
+from .ect import ECT, ect_loss, ect_r, ect_ratio, pseudo_huber, same_dropout, trajectory_pair
 
 
 @dataclass(frozen=True)
@@ -123,10 +123,7 @@ def tcm_loss(f: nn.Module, x: Tensor, cond: Cond, rng: StepRNG, progress: Progre
     t, boundary = stage2_t(x.shape[0], hp=hp, rng=rng)
     t = t.to(x)  # [B]
     r = ect_r(t, ratio, hp.k)  # [B], the schedule continues from stage 1
-    eps = rng.randn_like(x)
-    y_t = x + expand_sigma(t, x) * eps
-    with torch.no_grad():
-        y_r = x + expand_sigma(r, x) * eps if teacher is None else euler_step(teacher, y_t, t, r, cond)
+    y_t, y_r = trajectory_pair(x, t, r, cond, rng, teacher)
     seed = rng.seed()
     with same_dropout(seed, x.device):
         f_t = f(y_t, t, cond)
@@ -138,11 +135,7 @@ def tcm_loss(f: nn.Module, x: Tensor, cond: Cond, rng: StepRNG, progress: Progre
             sub = {k: v[below] for k, v in cond.items()} if cond else None
             f_r[below] = model.frozen(y_r[below], r[below].clamp(min=hp.sigma_min), sub).to(f_r.dtype)
     f_r = torch.where(expand_sigma(r, x) > 0, f_r, y_r)  # at r = 0 the target is the endpoint itself
-    diff = f_t.double() - f_r.double()  # float64 for stability, as ECT
-    if hp.balance_channels:
-        diff = diff * channel_weights(x).reshape(1, -1, *([1] * (x.ndim - 2)))
-    d = diff.flatten(1).norm(dim=1)
-    loss = ((d**2 + hp.c**2).sqrt() - hp.c) / (t - r).double()
+    loss = pseudo_huber(f_t, f_r, x, c=hp.c, balance_channels=hp.balance_channels) / (t - r).double()
     # batch mean = mean(consistency rows) + w_boundary mean(boundary rows) (official code)
     n, n_b = x.shape[0] * rng.world_size, round(hp.boundary_prob * x.shape[0] * rng.world_size)
     weight = torch.where(boundary, hp.w_boundary * n / max(n_b, 1), n / max(n - n_b, 1))
