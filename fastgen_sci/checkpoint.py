@@ -26,12 +26,26 @@ class CheckpointError(ValueError):
 
 def save_weights(module: nn.Module, path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> Path:
     """Write a module's state dict to a .safetensors file atomically."""
+    return save_state(module.state_dict(), path, metadata)
+
+
+def save_state(state: Mapping[str, torch.Tensor], path: str | os.PathLike,
+               metadata: Mapping[str, str] | None = None) -> Path:
+    """Write tensors to a .safetensors file atomically (a temporary name, then a rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    save_file(_plain(module.state_dict()), str(tmp), metadata=dict(metadata or {}))
+    save_file(_plain(state), str(tmp), metadata=dict(metadata or {}))
     os.replace(tmp, path)
     return path
+
+
+def load_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a .safetensors file, with an error naming the file if it is not one."""
+    from safetensors import safe_open
+    state = _read(Path(path))
+    with safe_open(str(path), framework="pt") as f:
+        return state, dict(f.metadata() or {})
 
 
 def load_weights(module: nn.Module, path: str | os.PathLike) -> nn.Module:

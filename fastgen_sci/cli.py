@@ -150,7 +150,40 @@ def _train_student(cfg: DictConfig, pack, teacher, dataset, run_dir: Path):
     players = method.players(student=pack.student(teacher), teacher=teacher)
     summary = trainer.fit(players, dataset, run_dir)
     student = frozen(registry.sampleable(method, trainer.averaged(players[0])))
-    return student, summary, pack.save_student(student, run_dir)
+    return student, summary, save_student(pack, student, run_dir)
+
+
+def save_student(pack, student, run_dir: Path) -> Path:
+    """The pack saves the Denoiser; a two-time student (MeanFlow's TimeGap) adds its gap embedding's weights
+    in a sidecar `<checkpoint>.timegap.safetensors`, which `load_student` puts back."""
+    from . import checkpoint
+    from .methods.meanflow import TimeGap
+    if not isinstance(student, TimeGap):
+        return pack.save_student(student, run_dir)
+    path = pack.save_student(student.denoiser, run_dir)
+    own = {k: v for k, v in student.state_dict().items() if not k.startswith("denoiser.")}
+    checkpoint.save_state(own, _timegap_file(path), metadata={"embedding": student.embedding})
+    return path
+
+
+def load_student(pack, path: str) -> torch.nn.Module:
+    """A saved student: the pack's Denoiser, wrapped back into its TimeGap when a sidecar sits next to it."""
+    from . import checkpoint
+    from .methods.meanflow import TimeGap
+    student, side = pack.load_student(path), _timegap_file(Path(path))
+    if not side.exists():
+        return student
+    state, meta = checkpoint.load_state(side)
+    model = TimeGap(student, meta.get("embedding"))
+    missing = set(k for k in model.state_dict() if not k.startswith("denoiser.")) ^ set(state)
+    if missing:
+        raise checkpoint.CheckpointError(f"{side}: time-gap weights do not match the student (keys {sorted(missing)})")
+    model.load_state_dict({**model.state_dict(), **state})
+    return model
+
+
+def _timegap_file(path: Path) -> Path:
+    return path.with_name(path.name + ".timegap.safetensors")
 
 
 def compare_methods(cfg: DictConfig) -> None:
@@ -228,7 +261,7 @@ def evaluate(cfg: DictConfig) -> None:
     run_dir, device = _run_dir(), resolve_device(cfg.device)
     pack = build_pack(cfg)
     teacher = frozen(pack.teacher()).to(device)
-    student = frozen(pack.load_student(cfg.student)).to(device)
+    student = frozen(load_student(pack, cfg.student)).to(device)
     models = {"teacher": (teacher, sampler_spec(cfg.teacher_sampler)), "student": (student, sampler_spec(cfg.student_sampler))}
     report, samples, cases = compare(pack=pack, models=models, members=cfg.members or cfg.eval.members,
                                      seed=cfg.seed, batch_size=cfg.eval.batch_size, device=device)
@@ -247,7 +280,7 @@ def generate(cfg: DictConfig) -> None:
         raise UserError("generate needs student=PATH and out=FILE.zarr|FILE.nc")
     device = resolve_device(cfg.device)
     pack = build_pack(cfg)
-    student = frozen(pack.load_student(cfg.student)).to(device)
+    student = frozen(load_student(pack, cfg.student)).to(device)
     sampler, members = sampler_spec(cfg.student_sampler), cfg.members or cfg.eval.members
     kwargs = dict(members=members, seed=cfg.seed, batch_size=cfg.eval.batch_size, device=device)
     if hasattr(pack, "ensemble_dataset"):  # the domain's units, coordinates and layout

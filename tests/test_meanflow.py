@@ -341,3 +341,18 @@ def test_corrdiff_embedding_path_makes_songunet_two_time_with_exact_and_fd_deriv
     J_exact, J_fd = (time_derivative(S, x, t, r, v, cond, mode=m, **kw) for m in ("exact", "fd"))
     rel = (J_fd - J_exact).flatten(1).norm(dim=1) / J_exact.flatten(1).norm(dim=1)
     assert rel.max() < 0.03, rel  # float32, measured 2e-4 / 2e-3 / 1.4e-2: one-sided at r = t and t = t_max
+
+
+def test_saved_meanflow_student_keeps_its_gap_embedding(tmp_path):
+    from fastgen_sci.cli import load_student, save_student
+    from fastgen_sci.domains.toy import ToyPack
+    pack = ToyPack(hidden=32)
+    model = TimeGap(pack.student(pack.teacher()), "net.embed")
+    torch.nn.init.normal_(model.proj.weight)  # a trained, non-zero gap embedding
+    path = save_student(pack, model, tmp_path)
+    loaded = load_student(pack, str(path))
+    x, sigma, sigma_r = torch.randn(8, 2), torch.full((8,), 5.0), torch.full((8,), 0.5)
+    assert isinstance(loaded, TimeGap)
+    torch.testing.assert_close(loaded.flow_map(x, sigma, sigma_r), model.flow_map(x, sigma, sigma_r))
+    fresh = TimeGap(loaded.denoiser, "net.embed")  # the same network without the trained gap weights
+    assert not torch.allclose(fresh.flow_map(x, sigma, sigma_r), model.flow_map(x, sigma, sigma_r), atol=1e-3)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import warnings
 from dataclasses import dataclass
 from functools import partial
 
@@ -103,13 +102,6 @@ class TimeGap(nn.Module):
                           for s in (sigma, sigma_r))
         x0_hat = self(x, sigma, cond, gap=sigma / (1 + sigma) - sigma_r / (1 + sigma_r))
         return x0_hat + expand_sigma(sigma_r / sigma, x) * (x - x0_hat)
-
-    @property
-    def net(self) -> nn.Module:
-        """The wrapped denoiser's `net`, for packs that save it: it does NOT hold the gap projection `proj`."""
-        warnings.warn("saving TimeGap.net drops the MeanFlow time-gap projection (TimeGap.proj): the saved "
-                      "network alone is not the trained student; keep TimeGap.state_dict() too", stacklevel=2)
-        return self.denoiser.net
 
 
 def _width(denoiser: nn.Module, path: str | None) -> int:
