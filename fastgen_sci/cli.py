@@ -226,6 +226,7 @@ def compare_methods(cfg: DictConfig) -> None:
     report, samples, cases = compare(pack=pack, models=models, members=cfg.eval.members, seed=cfg.seed,
                                      batch_size=cfg.eval.batch_size, device=device)
     report = {"domain": cfg.domain.name, "methods": methods, "steps": steps, **report, "training": training,
+              "run_dirs": {m: str(run_dir / m) for m in methods},
               "budget_images": budget["trainer.iterations"] * budget["trainer.batch_size"]}
     table = write_method_table(report, run_dir)
     print(table.read_text())

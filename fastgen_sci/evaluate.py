@@ -100,9 +100,17 @@ def method_rows(report: dict) -> list[dict]:
         rows.append({"method": method, "steps": int(steps), "nfe": r["nfe"],
                      **{k: v for k, v in r.items() if isinstance(v, float) and k not in ("seconds_per_member", "speedup")},
                      **{k: v for k, v in report.get("vs_teacher", {}).get(name, {}).items() if isinstance(v, float)},
-                     "speedup": r.get("speedup"), "train_seconds": train.get("seconds"),
+                     "speedup": r.get("speedup"), "train_seconds": _train_seconds(train, report.get("run_dirs", {}).get(method)),
                      "peak_memory_mb": train["peak_memory_bytes"] / 2**20 if train.get("peak_memory_bytes") else None})
     return rows
+
+
+def _train_seconds(summary: dict, run_dir: str | None) -> float | None:
+    """Training wall time; for a run resumed after it had finished, the time its metrics log recorded."""
+    if summary.get("resumed_from") == summary.get("iterations") and run_dir:
+        rows = read_metrics(Path(run_dir))
+        return rows[-1]["seconds"] if rows else None
+    return summary.get("seconds")
 
 
 def write_method_table(report: dict, run_dir: Path) -> Path:
