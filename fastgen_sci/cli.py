@@ -148,9 +148,20 @@ def _train_student(cfg: DictConfig, pack, teacher, dataset, run_dir: Path):
     """Distil `teacher` with cfg.method into run_dir: (frozen student, training summary, saved checkpoint)."""
     method, trainer = build_method(cfg), build_trainer(cfg)
     players = method.players(student=pack.student(teacher), teacher=teacher)
-    summary = trainer.fit(players, dataset, run_dir)
+    summary = trainer.fit(players, dataset, run_dir, guard=_guard(cfg, pack, teacher, method))
     student = frozen(registry.sampleable(method, trainer.averaged(players[0])))
     return student, summary, save_student(pack, student, run_dir)
+
+
+def _guard(cfg: DictConfig, pack, teacher, method):
+    """The spread guard rail of cfg.guard (None when guard.every is 0)."""
+    from .guard import SpreadGuard
+    g = cfg.get("guard")
+    if not g or not g.every:
+        return None
+    return SpreadGuard(pack.eval_cases(), teacher, sampler_spec(cfg.teacher_sampler), sampler_spec(cfg.student_sampler),
+                       every=g.every, members=g.members, n_cases=g.cases, ssr_floor=g.ssr_floor, seed=cfg.seed,
+                       device=resolve_device(cfg.device), unwrap=lambda m: registry.sampleable(method, m))
 
 
 def save_student(pack, student, run_dir: Path) -> Path:

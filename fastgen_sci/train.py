@@ -54,6 +54,7 @@ class Player:
     weight_decay: float = 0.0
     grad_clip: float | None = None
     ema: bool = True
+    prepare: Callable[[Tensor, Cond], None] | None = None  # sees the first batch before the optimizer is built
 
     def updates_at(self, iteration: int) -> bool:
         return iteration % self.every == self.phase
@@ -88,14 +89,24 @@ class Trainer:
     tensorboard: bool = True
     emas: dict = field(default_factory=dict, init=False, repr=False)
 
-    def fit(self, players: Sequence[Player], dataset, run_dir: str | os.PathLike) -> dict:
-        """Train the players on `dataset` (items {'x': Tensor, 'cond': {...}}) and return a summary."""
+    def fit(self, players: Sequence[Player], dataset, run_dir: str | os.PathLike, guard=None) -> dict:
+        """Train the players on `dataset` (items {'x': Tensor, 'cond': {...}}) and return a summary.
+
+        guard: e.g. a `guard.SpreadGuard`; when `guard.due(it)`, `guard(it, student)` scores the first player's
+        (averaged) network and its numbers join the log row (columns `guard.fields`).
+        """
         run_dir = Path(run_dir)
         rank, world = _init_distributed()
         device = resolve_device(self.device)
         if self.batch_size % world:
             raise ValueError(f"trainer.batch_size={self.batch_size} must divide by the {world} processes")
+        batches = _BatchIndices(len(dataset), self.batch_size, self.seed, rank, world)
         for p in players:
+            p.module.to(device)
+            if p.prepare is not None:  # e.g. discriminator heads shaped by the features of a real batch
+                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                    torch.manual_seed(derive_seed(self.seed, 0, 0, 2))  # its initial weights: a function of the seed
+                    p.prepare(*_fetch(dataset, batches(0), device))
             p.module.to(device).train()
         opts = {p.name: _make_optimizer(p) for p in players}
         self.emas = {p.name: copy.deepcopy(p.module).eval().requires_grad_(False) for p in players if p.ema}
@@ -104,8 +115,8 @@ class Trainer:
         start = checkpoint.load_latest(run_dir / "checkpoints", players=players, optimizers=opts,
                                        emas=self.emas, scaler=scaler)
         fields = ["iteration", "images", "seconds"] + [f"{k}/{p.name}" for p in players for k in ("loss", "grad_norm", "lr")]
+        fields += list(guard.fields) if guard is not None else []
         log = _MetricsLog(run_dir, start=start, fields=fields, enabled=rank == 0, tensorboard=self.tensorboard)
-        batches = _BatchIndices(len(dataset), self.batch_size, self.seed, rank, world)
         bar = tqdm(total=self.iterations, initial=start, disable=rank != 0 or not self.progress_bar,
                    desc="train", unit="it", dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 15)
         t0 = time.perf_counter()
@@ -138,6 +149,8 @@ class Trainer:
                     _ema_update(self.emas[p.name], p.module, self._ema_beta(it))
                 row |= {f"loss/{p.name}": _mean_over_ranks(loss, world), f"grad_norm/{p.name}": float(grad_norm),
                         f"lr/{p.name}": lr}
+            if guard is not None and rank == 0 and guard.due(it):
+                row |= guard(it, self.averaged(players[0]))
             # --- logs, progress and checkpoints ------------------------------------------------
             save_now = (self.checkpoint_every and (it + 1) % self.checkpoint_every == 0) or it + 1 == self.iterations
             row["seconds"] = time.perf_counter() - t0

@@ -87,6 +87,32 @@ def test_ect_cd_requires_a_teacher():
         ECT(variant="cd").players(student=GaussianFamily(1.0), teacher=None)
     with pytest.raises(ValueError, match="variant"):
         ECT(variant="xx")
+    with pytest.raises(ValueError, match="solver"):
+        ECT(variant="cd", solver="rk4")
+
+
+def test_cd_teacher_steps_against_the_exact_probability_flow(gaussian_denoiser):
+    """One step of N(0, s^2)'s PF-ODE, y_r = y_t sqrt((s^2 + r^2) / (s^2 + t^2)): Euler's local error falls
+    as (t - r)^2, Heun's as (t - r)^3; at r = 0 both return the teacher's denoised estimate."""
+    from fastgen_sci.methods.ect import euler_step, heun_step
+    s, t = gaussian_denoiser.s, torch.full((256,), 2.0, dtype=torch.float64)
+    y_t = torch.randn(256, 3, dtype=torch.float64) * math.sqrt(s**2 + 4.0)
+
+    def err(step, dt):
+        r = t - dt
+        exact = y_t * ((s**2 + r**2) / (s**2 + t**2)).sqrt()[:, None]
+        return float((step(gaussian_denoiser, y_t, t, r, None) - exact).abs().max())
+
+    dts = (0.2, 0.1, 0.05)
+    euler_errs, heun_errs = [err(euler_step, d) for d in dts], [err(heun_step, d) for d in dts]
+    for coarse, fine in zip(euler_errs, euler_errs[1:]):
+        assert 3.5 < coarse / fine < 4.5, euler_errs
+    for coarse, fine in zip(heun_errs, heun_errs[1:]):
+        assert 7.0 < coarse / fine < 9.0, heun_errs
+    r = torch.where(torch.arange(256) % 2 == 0, 0.0, 1.0).double()  # r = 0 rows: the denoised estimate
+    out = heun_step(gaussian_denoiser, y_t, t, r, None)
+    torch.testing.assert_close(out[::2], gaussian_denoiser(y_t, t)[::2])
+    assert torch.isfinite(out).all()
 
 
 def test_ect_drives_energy_distance_far_below_the_untrained_student(tmp_path):

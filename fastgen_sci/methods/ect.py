@@ -30,6 +30,7 @@ class ECT:
     ratio_limit: float = 0.999
     c: float = 1e-8  # pseudo-Huber constant; 0.06 for EDM2-size networks
     variant: str = "ct"
+    solver: str = "euler"  # cd: the teacher's step from t to r, 'euler' (ECT) or 'heun' (CM's CD, 2 calls)
     balance_channels: bool = False  # weight channels (dim 1) by 1 / RMS of the batch's targets, mean weight 1
     sigma_min: float = 0.002
     sigma_max: float = 80.0
@@ -42,6 +43,8 @@ class ECT:
     def __post_init__(self):
         if self.variant not in ("ct", "cd"):
             raise ValueError(f"ect variant must be 'ct' or 'cd', got '{self.variant}'")
+        if self.solver not in ("euler", "heun"):
+            raise ValueError(f"ect solver must be 'euler' or 'heun', got '{self.solver}'")
 
     def players(self, *, student: nn.Module, teacher: Denoiser | None = None) -> list[Player]:
         if self.variant == "cd" and teacher is None:
@@ -76,6 +79,16 @@ def euler_step(teacher: Denoiser, y_t: Tensor, t: Tensor, r: Tensor, cond: Cond)
     return y_t + (r_ - t_) * (y_t - teacher(y_t, t, cond)) / t_
 
 
+def heun_step(teacher: Denoiser, y_t: Tensor, t: Tensor, r: Tensor, cond: Cond) -> Tensor:
+    """One Heun step of the teacher's probability-flow ODE from t to r (EDM Alg. 1); Euler where r = 0."""
+    y_e = euler_step(teacher, y_t, t, r, cond)
+    t_, r_ = expand_sigma(t, y_t), expand_sigma(r, y_t)
+    r_safe = r.clamp(min=torch.finfo(r.dtype).tiny)
+    d_t = (y_t - teacher(y_t, t, cond)) / t_
+    d_r = (y_e - teacher(y_e, r_safe, cond)) / expand_sigma(r_safe, y_t)
+    return torch.where(r_ > 0, y_t + (r_ - t_) * (d_t + d_r) / 2, y_e)
+
+
 def channel_weights(x: Tensor) -> Tensor:
     """Inverse RMS of each channel of x [B, C, ...] over the batch, normalised to mean 1; [C] float64."""
     rms = x.double().transpose(0, 1).flatten(1).pow(2).mean(dim=1).sqrt()
@@ -91,7 +104,7 @@ def ect_loss(f: nn.Module, x: Tensor, cond: Cond, rng: StepRNG, progress: Progre
     t = lognormal_sigma(x.shape[0], P_mean=hp.P_mean, P_std=hp.P_std, rng=rng).clamp(hp.sigma_min, hp.sigma_max)
     t = t.to(x)  # [B]
     r = ect_r(t, ratio, hp.k)  # [B]
-    y_t, y_r = trajectory_pair(x, t, r, cond, rng, teacher)
+    y_t, y_r = trajectory_pair(x, t, r, cond, rng, teacher, solver=hp.solver)
     seed = rng.seed()
     with same_dropout(seed, x.device):
         f_t = f(y_t, t, cond)
@@ -102,12 +115,13 @@ def ect_loss(f: nn.Module, x: Tensor, cond: Cond, rng: StepRNG, progress: Progre
 
 
 def trajectory_pair(x: Tensor, t: Tensor, r: Tensor, cond: Cond, rng: StepRNG,
-                    teacher: Denoiser | None) -> tuple[Tensor, Tensor]:
-    """(y_t, y_r) on one trajectory: shared noise (CT), or y_r one teacher Euler step from y_t (CD)."""
+                    teacher: Denoiser | None, solver: str = "euler") -> tuple[Tensor, Tensor]:
+    """(y_t, y_r) on one trajectory: shared noise (CT), or y_r one teacher ODE step from y_t (CD)."""
     eps = rng.randn_like(x)
     y_t = x + expand_sigma(t, x) * eps
+    step = {"euler": euler_step, "heun": heun_step}[solver]
     with torch.no_grad():
-        y_r = x + expand_sigma(r, x) * eps if teacher is None else euler_step(teacher, y_t, t, r, cond)
+        y_r = x + expand_sigma(r, x) * eps if teacher is None else step(teacher, y_t, t, r, cond)
     return y_t, y_r
 
 

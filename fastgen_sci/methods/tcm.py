@@ -123,7 +123,7 @@ def tcm_loss(f: nn.Module, x: Tensor, cond: Cond, rng: StepRNG, progress: Progre
     t, boundary = stage2_t(x.shape[0], hp=hp, rng=rng)
     t = t.to(x)  # [B]
     r = ect_r(t, ratio, hp.k)  # [B], the schedule continues from stage 1
-    y_t, y_r = trajectory_pair(x, t, r, cond, rng, teacher)
+    y_t, y_r = trajectory_pair(x, t, r, cond, rng, teacher, solver=hp.solver)
     seed = rng.seed()
     with same_dropout(seed, x.device):
         f_t = f(y_t, t, cond)

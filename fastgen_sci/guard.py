@@ -1,0 +1,98 @@
+"""Guard rails against spread collapse: score the student's ensemble on a fixed validation batch while training.
+
+Distribution-matching students can collapse onto a few modes while their loss looks fine. Every `every`
+iterations the guard draws `members` members for the first `cases` evaluation cases (the same noise each
+time) and logs, next to the losses:
+* guard/ssr: corrected spread-skill ratio against the truth (when the pack has one), ~1 when reliable;
+* guard/spread_ratio: student spread / teacher spread, ~1 when the student keeps the teacher's spread;
+* guard/teacher_rank_flatness: flatness of the rank of teacher members among the student's (~1 when the
+  two ensembles are exchangeable, large when the student's range misses the teacher's draws).
+It warns when the SSR (or, without truth, the spread ratio) falls below `ssr_floor`.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from .denoiser import Denoiser
+from .ensemble import sample_ensemble
+from .metrics import rank_flatness, rank_histogram, spread_skill
+from .registry import EvalCases
+from .samplers import SamplerSpec
+
+FIELDS = ["guard/ssr", "guard/spread_ratio", "guard/teacher_rank_flatness"]
+
+
+@dataclass
+class SpreadGuard:
+    """Spread and teacher-rank scores of the student on a fixed validation batch (see the module doc)."""
+
+    cases: EvalCases
+    teacher: Denoiser
+    teacher_sampler: SamplerSpec
+    student_sampler: SamplerSpec
+    every: int = 100
+    members: int = 8
+    n_cases: int = 8
+    ssr_floor: float = 0.5
+    seed: int = 0
+    device: torch.device | str = "cpu"
+    unwrap: Callable[[nn.Module], nn.Module] = lambda m: m  # trained module -> sampleable Denoiser
+    fields: list[str] = field(default_factory=lambda: list(FIELDS))
+    _teacher_ens: Tensor | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self):
+        if self.members < 2:
+            raise ValueError(f"guard members must be at least 2 (a spread needs two), got {self.members}")
+        self.cases = _first(self.cases, self.n_cases)
+
+    def due(self, iteration: int) -> bool:
+        return self.every > 0 and (iteration + 1) % self.every == 0
+
+    @torch.no_grad()
+    def __call__(self, iteration: int, student: nn.Module) -> dict[str, float]:
+        if self._teacher_ens is None:
+            self._teacher_ens = self._ensemble(self.teacher, self.teacher_sampler)
+        was_training = student.training
+        student.eval()
+        try:
+            ens = self._ensemble(self.unwrap(student), self.student_sampler)
+        finally:
+            student.train(was_training)
+        row = scores(ens, self._teacher_ens, self.cases.truth)
+        ratio = row.get("guard/ssr", row["guard/spread_ratio"])
+        if not ratio == ratio or ratio < self.ssr_floor:  # NaN counts as collapsed
+            name = "SSR" if "guard/ssr" in row else "spread ratio to the teacher"
+            print(f"WARNING: iteration {iteration + 1}: the student's spread is collapsing: {name} {ratio:.3g} "
+                  f"< guard floor {self.ssr_floor} (teacher-rank flatness {row['guard/teacher_rank_flatness']:.3g}; "
+                  "1 is flat)", file=sys.stderr, flush=True)
+        return row
+
+    def _ensemble(self, model: Denoiser, sampler: SamplerSpec) -> Tensor:
+        return sample_ensemble(model, sampler, self.cases, self.members, seed=self.seed, batch_size=256,
+                               device=self.device, progress=False)  # [N, M, *shape]
+
+
+def scores(student: Tensor, teacher: Tensor, truth: Tensor | None) -> dict[str, float]:
+    """Guard scores of ensembles [N, M, *shape] (teacher too) against truth [N, *shape] or None."""
+    s, t = student.transpose(0, 1).double(), teacher.transpose(0, 1).double()  # members first
+    spread_s, spread_t = s.var(0).mean().sqrt(), t.var(0).mean().sqrt()
+    g = torch.Generator().manual_seed(0)
+    counts = sum(rank_histogram(s, t[k], generator=g) for k in range(t.shape[0]))
+    row = {"guard/spread_ratio": float(spread_s / spread_t.clamp(min=1e-30)),
+           "guard/teacher_rank_flatness": float(rank_flatness(counts))}
+    if truth is not None:
+        row["guard/ssr"] = float(spread_skill(s, truth.to(s))["ssr"])
+    return row
+
+
+def _first(cases: EvalCases, n: int) -> EvalCases:
+    """The first n cases (the guard's fixed validation batch)."""
+    n = min(n, cases.n)
+    cond = None if cases.cond is None else {k: v[:n] for k, v in cases.cond.items()}
+    truth = None if cases.truth is None else cases.truth[:n]
+    return EvalCases(n=n, shape=cases.shape, cond=cond, truth=truth)

@@ -1,0 +1,250 @@
+"""DMD2, f-distill, LADD: the VSD gradient against closed forms, a collapse test, the players' discipline,
+discriminator heads on odd feature shapes, and the spread guard."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from fastgen_sci.denoiser import expand_sigma
+from fastgen_sci.features import Discriminator, FeatureHead, FeatureTap
+from fastgen_sci.guard import SpreadGuard, scores
+from fastgen_sci.methods.dmd2 import DMD2, dmd2_student_loss, vsd_loss
+from fastgen_sci.methods.f_distill import FDistill, f_weight, sigma_bin, update_running_mean
+from fastgen_sci.methods.ladd import LADD
+from fastgen_sci.registry import EvalCases
+from fastgen_sci.rng import StepRNG
+from fastgen_sci.samplers import SamplerSpec
+from fastgen_sci.train import Progress, Trainer, read_metrics
+
+from conftest import GaussianDenoiser
+
+S = 0.8  # data: N(0, S^2 I)
+
+
+class GaussianGenerator(nn.Module):
+    """One-step student whose samples are N(mu, a^2 I): G(sigma_max eps) = mu + a eps."""
+
+    def __init__(self, mu: float, a: float):
+        super().__init__()
+        self.mu = nn.Parameter(torch.tensor(mu, dtype=torch.float64))
+        self.log_a = nn.Parameter(torch.tensor(math.log(a), dtype=torch.float64))
+        self.sigma_data, self.sigma_min, self.sigma_max = S, 0.002, 80.0
+
+    def forward(self, x, sigma, cond=None):
+        return self.mu + self.log_a.exp() * x / expand_sigma(sigma, x)
+
+
+class ExactFake(nn.Module):
+    """The exact denoiser of the generator's law N(mu, a^2): mu + a^2 / (a^2 + sigma^2) (x - mu)."""
+
+    def __init__(self, G: GaussianGenerator):
+        super().__init__()
+        self.G = [G]  # not a submodule: the fake score has no weights of its own here
+
+    def forward(self, x, sigma, cond=None):
+        mu, a2 = self.G[0].mu.detach(), (2 * self.G[0].log_a.detach()).exp()
+        return mu + a2 / (a2 + expand_sigma(sigma, x) ** 2) * (x - mu)
+
+
+def vsd_grad(mu, a, n=20000, seed=0):
+    G = GaussianGenerator(mu, a)
+    hp = DMD2(gan_weight=0.0, P_mean=0.0, P_std=1.0)
+    x = torch.zeros(n, 4, dtype=torch.float64)
+    loss = dmd2_student_loss(G, x, None, StepRNG(seed, 0), Progress(0, 0), hp=hp, teacher=GaussianDenoiser(S),
+                             fake=ExactFake(G), disc=None, taps=None, sigma_max=80.0)
+    loss.mean().backward()
+    return G.mu.grad.item(), G.log_a.grad.item()
+
+
+def test_vsd_gradient_vanishes_for_exact_samples_and_points_back_otherwise():
+    g_mu, g_a = vsd_grad(0.0, S)
+    assert abs(g_mu) < 1e-12 and abs(g_a) < 1e-12  # fake == real: exactly zero
+    assert vsd_grad(0.3, S)[0] > 0 > vsd_grad(-0.3, S)[0]  # descent moves the mean back to 0
+    assert vsd_grad(0.0, 1.3 * S)[1] > 0 > vsd_grad(0.0, 0.7 * S)[1]  # ... and the spread back to S
+    # the VSD gradient is reverse KL's: d/dmu KL(q || p) = mu / S^2 > 0 has the sign checked above, and the
+    # per-sample weight 1 / mean|x_g - real| makes it scale-free: doubling the shift roughly doubles it
+    assert 1.6 < vsd_grad(0.4, S)[0] / vsd_grad(0.2, S)[0] < 2.4
+
+
+def test_vsd_descent_converges_to_the_data_law():
+    G = GaussianGenerator(0.5, 1.5 * S)
+    opt = torch.optim.Adam(G.parameters(), lr=0.02)
+    hp = DMD2(gan_weight=0.0, P_mean=0.0, P_std=1.0)
+    x = torch.zeros(512, 4, dtype=torch.float64)
+    for k in range(300):
+        opt.zero_grad()
+        dmd2_student_loss(G, x, None, StepRNG(k, 0), Progress(k, 0), hp=hp, teacher=GaussianDenoiser(S),
+                          fake=ExactFake(G), disc=None, taps=None, sigma_max=80.0).mean().backward()
+        opt.step()
+    assert abs(G.mu.item()) < 0.03 and abs(G.log_a.exp().item() - S) < 0.03, (G.mu.item(), G.log_a.exp().item())
+
+
+def test_vsd_weight_scales_each_samples_gradient():
+    x_g = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    t = torch.ones(3, dtype=torch.float64)
+    x_t = x_g.detach() + torch.randn(3, 5, dtype=torch.float64)
+    teacher, fake = GaussianDenoiser(S), GaussianDenoiser(1.2 * S)
+    vsd_loss(x_g, x_t, t, None, teacher=teacher, fake=fake).sum().backward()
+    plain = x_g.grad.clone()
+    x_g.grad = None
+    vsd_loss(x_g, x_t, t, None, teacher=teacher, fake=fake, weight=torch.tensor([2.0, 0.0, 1.0])).sum().backward()
+    torch.testing.assert_close(x_g.grad, plain * torch.tensor([[2.0], [0.0], [1.0]], dtype=torch.float64))
+    w = 1 / ((x_g.detach() - teacher(x_t, t)).abs().mean(dim=1) + 1e-6)  # closed form of the plain gradient
+    torch.testing.assert_close(plain, w[:, None] * (fake(x_t, t) - teacher(x_t, t)) / 5)
+
+
+# ------------------------------------------------------------------ collapse test on a two-mode mixture
+def two_mode_setup(dim=1):
+    from fastgen_sci.domains.toy.data import GaussianMixture
+    from fastgen_sci.domains.toy.networks import build_network, exact_teacher
+    mix = GaussianMixture(means=torch.tensor([[-2.0] * dim, [2.0] * dim]), stds=torch.tensor([0.3, 0.3]),
+                          weights=torch.tensor([0.5, 0.5]), labels=torch.tensor([0, 0]))
+    teacher = exact_teacher(mix, sigma_max=80.0)
+    student = build_network(dim=dim, sigma_data=mix.sigma_data, hidden=64, depth=2, sigma_max=80.0, seed=0)
+    data = [{"x": x} for x in torch.randn(4096, dim) * 0.3 + 2.0 * torch.where(torch.rand(4096, 1) < 0.5, -1.0, 1.0)]
+    return teacher, student, data
+
+
+def test_dmd2_keeps_both_modes(tmp_path):
+    """Mode weights 0.5 / 0.5; measured: 0.455 right after 2000 iterations (means -2.02 / 1.90, std 0.59)."""
+    teacher, student, data = two_mode_setup()
+    hp = DMD2(gan_weight=0.0, student_every=4, P_mean=0.0, P_std=1.2, lr=1e-3, fake_lr=2e-3, weight_decay=0.0)
+    players = hp.players(student=student, teacher=teacher)
+    Trainer(iterations=2000, batch_size=128, progress_bar=False, tensorboard=False, log_every=500).fit(players, data, tmp_path)
+    with torch.no_grad():
+        z = torch.randn(4000, 1, generator=torch.Generator().manual_seed(1))
+        x = student.eval()(80.0 * z, torch.full((4000,), 80.0))
+    right = (x > 0).double().mean().item()
+    assert 0.35 < right < 0.65, right  # a collapsed student puts (almost) everything in one mode
+    for mode in (x[x > 0], x[x < 0]):  # and each half sits on its mode
+        assert abs(mode.abs().mean() - 2) < 0.4 and mode.std() < 1.0, (mode.mean(), mode.std())
+
+
+# ------------------------------------------------------------------ players: teacher frozen, alternation, resume
+def toy_teacher(dim=3):
+    from fastgen_sci.domains.toy.networks import build_network
+    return build_network(dim=dim, sigma_data=1.0, hidden=32, depth=2, sigma_max=80.0, seed=3)
+
+
+def run_players(method_cls, run_dir, iterations, **kw):
+    from fastgen_sci.domains.toy.networks import build_network
+    teacher = toy_teacher().eval().requires_grad_(False)
+    student = build_network(dim=3, sigma_data=1.0, hidden=32, depth=2, sigma_max=80.0, seed=3)
+    hp = method_cls(features=("net.blocks.1",), **kw)
+    players = hp.players(student=student, teacher=teacher)
+    data = [{"x": x} for x in torch.randn(256, 3, generator=torch.Generator().manual_seed(0))]
+    Trainer(iterations=iterations, batch_size=16, checkpoint_every=1, keep_checkpoints=1, log_every=1,
+            progress_bar=False, tensorboard=False).fit(players, data, run_dir)
+    return teacher, players
+
+
+@pytest.mark.parametrize("method_cls, kw", [(DMD2, {"gan_weight": 0.1}), (FDistill, {"gan_weight": 0.1}), (LADD, {})])
+def test_teacher_gets_no_gradient_or_optimizer_state_and_alternation_survives_resume(tmp_path, method_cls, kw):
+    teacher, players = run_players(method_cls, tmp_path / "full", 12, **kw)
+    every = players[0].every
+    assert every == (5 if method_cls is not LADD else 2)
+    assert all(p.grad is None for p in teacher.parameters())
+    teacher_ids = {id(p) for p in teacher.parameters()}
+    for p in players:
+        assert not teacher_ids & {id(q) for q in p.module.parameters()}, p.name
+    state = torch.load(next((tmp_path / "full" / "checkpoints").iterdir()) / "state.pt", weights_only=True)
+    for p in players:  # optimizer state only for the player's own parameters
+        assert len(state["optimizers"][p.name]["state"]) == len(list(p.module.parameters())), p.name
+    rows = read_metrics(tmp_path / "full")
+    student_its = [r["iteration"] for r in rows if r.get("loss/student") not in (None, "")]
+    assert student_its == [i for i in range(12) if i % every == every - 1]
+    assert all(r.get("loss/discriminator") not in (None, "") for r in rows)
+    # interrupted at 7 and resumed: the same losses as the uninterrupted run
+    run_players(method_cls, tmp_path / "split", 7, **kw)
+    run_players(method_cls, tmp_path / "split", 12, **kw)
+    split = read_metrics(tmp_path / "split")
+    for key in [k for k in rows[0] if k.startswith("loss/")]:
+        assert [r[key] for r in split] == [r[key] for r in rows], key
+
+
+def test_gan_gradient_reaches_the_student_through_the_frozen_teacher():
+    from fastgen_sci.domains.toy.networks import build_network
+    teacher = toy_teacher().eval().requires_grad_(False)
+    student = build_network(dim=3, sigma_data=1.0, hidden=32, depth=2, sigma_max=80.0, seed=4)
+    players = LADD(features=("net.blocks.0", "net.blocks.1")).players(student=student, teacher=teacher)
+    x = torch.randn(8, 3)
+    players[1].prepare(x, None)
+    players[0].loss(student, x, None, StepRNG(0, 0), Progress(0, 0)).mean().backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert sum(p.grad.abs().sum() for p in student.parameters() if p.grad is not None) > 0
+
+
+# ------------------------------------------------------------------ feature heads and taps
+@pytest.mark.parametrize("shape", [(3, 16, 36, 58), (3, 8, 100), (3, 32), (2, 4, 5, 6, 7)])
+def test_discriminator_heads_run_forward_and_backward_on_odd_shapes(shape):
+    f = torch.randn(*shape, requires_grad=True)
+    D = Discriminator(hidden=16).build([f])
+    logit = D([f])
+    assert logit.shape == (shape[0],)
+    logit.sum().backward()
+    assert torch.isfinite(f.grad).all() and f.grad.abs().sum() > 0
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in D.parameters())
+    with pytest.raises(ValueError, match="built for"):
+        D([torch.randn(shape[0], shape[1] + 1, *shape[2:])])
+
+
+def test_feature_tap_collects_named_outputs_and_leaves_no_hooks():
+    teacher = toy_teacher()
+    tap = FeatureTap(teacher, ["net.blocks.0", "net.inp"])
+    x, t = torch.randn(5, 3), torch.ones(5)
+    feats = tap(x, t)
+    assert [f.shape for f in feats] == [(5, 32), (5, 32)]
+    assert all(not m._forward_hooks for m in teacher.modules())
+    torch.testing.assert_close(FeatureTap(teacher)(x, t)[0], teacher(x, t))  # no names: the output
+    with pytest.raises(ValueError, match="net.blocks.9"):
+        FeatureTap(teacher, ["net.blocks.9"])
+    with pytest.raises(ValueError, match="spatial"):
+        FeatureHead(4, 4)
+
+
+# ------------------------------------------------------------------ f-distill weighting
+def test_f_divergence_weights_closed_forms():
+    r = torch.tensor([0.05, 0.5, 1.0, 4.0, 50.0], dtype=torch.float64)
+    clipped = r.clamp(0.1, 20.0)
+    js = clipped / (1 + clipped)
+    torch.testing.assert_close(f_weight(r, "js"), js / js.mean())
+    torch.testing.assert_close(f_weight(r, "kl"), clipped / clipped.mean())
+    torch.testing.assert_close(f_weight(r, "reverse_kl"), torch.ones_like(r))
+    torch.testing.assert_close(f_weight(r, "jeffreys"), (clipped + 1) / (clipped + 1).mean())
+    with pytest.raises(ValueError, match="divergence"):
+        FDistill(divergence="wasserstein")
+    with pytest.raises(ValueError, match="gan_weight"):
+        FDistill(gan_weight=0.0)
+
+
+def test_ratio_normalisation_bins_and_running_mean():
+    t = torch.tensor([math.exp(-1.2 - 3.6 - 1), math.exp(-1.2), math.exp(-1.2 + 3.6 + 1)], dtype=torch.float64)
+    assert sigma_bin(t, P_mean=-1.2, P_std=1.2, bins=10).tolist() == [0, 5, 9]
+    mean = torch.ones(3, dtype=torch.float64)
+    update_running_mean(mean, torch.tensor([3.0, 5.0, 2.0], dtype=torch.float64), torch.tensor([0, 0, 2]), 0.9)
+    torch.testing.assert_close(mean, torch.tensor([0.9 + 0.1 * 4.0, 1.0, 0.9 + 0.1 * 2.0], dtype=torch.float64))
+
+
+# ------------------------------------------------------------------ guard rails
+def test_guard_scores_and_collapse_warning(capsys):
+    g = torch.Generator().manual_seed(0)
+    teacher_ens = torch.randn(6, 32, 50, generator=g)
+    same = scores(torch.randn(6, 32, 50, generator=g), teacher_ens, None)
+    assert abs(same["guard/spread_ratio"] - 1) < 0.05 and same["guard/teacher_rank_flatness"] < 3
+    collapsed = scores(torch.zeros(6, 32, 50) + 0.01 * torch.randn(6, 32, 50, generator=g), teacher_ens, None)
+    assert collapsed["guard/spread_ratio"] < 0.02 and collapsed["guard/teacher_rank_flatness"] > 10
+    truth = torch.randn(6, 50, generator=g)
+    with_truth = scores(torch.randn(6, 32, 50, generator=g), teacher_ens, truth)
+    assert abs(with_truth["guard/ssr"] - 1) < 0.1  # members and truth exchangeable: SSR ~ 1
+
+    cases = EvalCases(n=64, shape=(3,), truth=torch.randn(64, 3, generator=g))  # data: N(0, 1)
+    guard = SpreadGuard(cases, GaussianDenoiser(1.0), SamplerSpec(name="heun", steps=32), SamplerSpec(name="few_step"),
+                        every=5, members=16, n_cases=64, ssr_floor=0.5)
+    assert [i for i in range(20) if guard.due(i)] == [4, 9, 14, 19]
+    row = guard(9, GaussianGenerator(0.0, 0.05))  # a student with 5% of the data's spread
+    assert row["guard/spread_ratio"] < 0.1 and row["guard/ssr"] < 0.1, row
+    assert "spread is collapsing" in capsys.readouterr().err
+    row = guard(9, GaussianGenerator(0.0, 1.0))  # exact samples
+    assert abs(row["guard/ssr"] - 1) < 0.15 and abs(row["guard/spread_ratio"] - 1) < 0.15, row
+    assert "collapsing" not in capsys.readouterr().err
