@@ -131,3 +131,19 @@ def test_compare_tabulates_methods_on_one_budget(tmp_path):
     assert "| ect | 2 | 2 |" in table and "energy_distance" in table
     bad = run_cli("compare", "methods=[ect,nope]", cwd=tmp_path)
     assert bad.returncode != 0 and "unknown method(s) ['nope']" in bad.stderr
+
+
+def test_distribution_matching_methods_compare_and_log_the_guard(tmp_path):
+    proc = run_cli("compare", "methods=[dmd2,f_distill,ladd]", "trainer.iterations=20", "eval.members=200",
+                   "domain.hidden=16", "teacher_sampler.steps=4", "guard.every=10", "guard.ssr_floor=10",
+                   f"run_dir={tmp_path / 'cmp'}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads((tmp_path / "cmp" / "compare.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["dmd2", "f_distill", "ladd"] and all(r["nfe"] == 1 for r in rows)
+    for m in ("dmd2", "f_distill", "ladd"):
+        log = (tmp_path / "cmp" / m / "metrics.csv").read_text().splitlines()
+        header = log[0].split(",")
+        guard = [dict(zip(header, line.split(","))) for line in log[1:]]
+        checked = [r["iteration"] for r in guard if r["guard/spread_ratio"]]
+        assert checked == ["9", "19"], (m, checked)
+    assert proc.stderr.count("spread is collapsing") == 6  # floor 10: every check warns, by design here
