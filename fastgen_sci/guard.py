@@ -17,6 +17,7 @@ from typing import Callable
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from .denoiser import Denoiser
 from .ensemble import sample_ensemble
@@ -67,9 +68,9 @@ class SpreadGuard:
         ratio = row.get("guard/ssr", row["guard/spread_ratio"])
         if not ratio == ratio or ratio < self.ssr_floor:  # NaN counts as collapsed
             name = "SSR" if "guard/ssr" in row else "spread ratio to the teacher"
-            print(f"WARNING: iteration {iteration + 1}: the student's spread is collapsing: {name} {ratio:.3g} "
+            tqdm.write(f"WARNING: iteration {iteration + 1}: the student's spread is collapsing: {name} {ratio:.3g} "
                   f"< guard floor {self.ssr_floor} (teacher-rank flatness {row['guard/teacher_rank_flatness']:.3g}; "
-                  "1 is flat)", file=sys.stderr, flush=True)
+                  "1 is flat)", file=sys.stderr)
         return row
 
     def _ensemble(self, model: Denoiser, sampler: SamplerSpec) -> Tensor:

@@ -94,6 +94,19 @@ def test_vsd_weight_scales_each_samples_gradient():
     torch.testing.assert_close(plain, w[:, None] * (fake(x_t, t) - teacher(x_t, t)) / 5)
 
 
+def test_balanced_vsd_normalises_each_channel():
+    """balance_channels: w per (sample, channel) = 1 / mean over the channel's positions of |x_g - real|."""
+    g = torch.Generator().manual_seed(0)
+    x_g = (torch.randn(2, 3, 4, 5, generator=g, dtype=torch.float64) * torch.tensor([0.1, 1.0, 3.0]).reshape(1, 3, 1, 1).double())
+    x_g.requires_grad_(True)
+    t = torch.full((2,), 0.5, dtype=torch.float64)
+    x_t = x_g.detach() + 0.5 * torch.randn(2, 3, 4, 5, generator=g, dtype=torch.float64)
+    teacher, fake = GaussianDenoiser(S), GaussianDenoiser(1.2 * S)
+    vsd_loss(x_g, x_t, t, None, teacher=teacher, fake=fake, balance_channels=True).sum().backward()
+    w = 1 / ((x_g.detach() - teacher(x_t, t)).abs().flatten(2).mean(dim=2) + 1e-6)  # [B, C]
+    torch.testing.assert_close(x_g.grad, w[..., None, None] * (fake(x_t, t) - teacher(x_t, t)) / 60)
+
+
 # ------------------------------------------------------------------ collapse test on a two-mode mixture
 def two_mode_setup(dim=1):
     from fastgen_sci.domains.toy.data import GaussianMixture

@@ -47,6 +47,7 @@ class DMD2:
     P_std: float = 1.2
     student_every: int = 5
     gan_weight: float = 1e-3
+    balance_channels: bool = False  # VSD's normaliser per (sample, channel): variables of unequal scale learn alike
     features: tuple[str, ...] = ()
     disc_hidden: int = 64
     optimizer: str = "adamw"
@@ -129,19 +130,25 @@ def generate(x: Tensor, cond: Cond, rng: StepRNG, *, G: nn.Module, hp, sigma_max
 
 
 def vsd_loss(x_g: Tensor, x_t: Tensor, t: Tensor, cond: Cond, *, teacher: Denoiser, fake: nn.Module,
-             weight: Tensor | None = None) -> Tensor:
+             weight: Tensor | None = None, balance_channels: bool = False) -> Tensor:
     """0.5 ||x_g - sg(x_g - w (fake(x_t) - real(x_t)))||^2 per sample [B], w = 1 / (mean |x_g - real| + 1e-6).
 
     Its gradient in x_g is w (fake - real) / n_elements: descent moves x_g along real - fake, towards the
-    teacher's law. `weight` [B] (f-distill's h(r)) scales each sample's gradient.
+    teacher's law. `weight` [B] (f-distill's h(r)) scales each sample's gradient. balance_channels: the mean
+    in w runs over each channel (dim 1) separately, so a channel of small scale gets as large a step.
     """
     dt = torch.promote_types(x_g.dtype, torch.float32)  # bf16 networks: the loss in fp32
     with torch.no_grad():
         x_real, x_fake = teacher(x_t, t, cond).to(dt), fake(x_t, t, cond).to(dt)
-        w = 1 / ((x_g.detach().to(dt) - x_real).abs().flatten(1).mean(dim=1) + 1e-6)  # [B]
+        gap = (x_g.detach().to(dt) - x_real).abs()
+        if balance_channels and x_g.ndim > 2:
+            w = 1 / (gap.flatten(2).mean(dim=2) + 1e-6)  # [B, C]
+            w = w.reshape(*w.shape, *([1] * (x_g.ndim - 2)))
+        else:
+            w = expand_sigma(1 / (gap.flatten(1).mean(dim=1) + 1e-6), x_g)  # [B, 1, ...]
         if weight is not None:
-            w = w * weight.to(dt)
-        target = x_g.detach().to(dt) - expand_sigma(w, x_g) * (x_fake - x_real)
+            w = w * expand_sigma(weight.to(dt), x_g)
+        target = x_g.detach().to(dt) - w * (x_fake - x_real)
     return 0.5 * ((x_g.to(dt) - target) ** 2).flatten(1).mean(dim=1)
 
 
@@ -153,7 +160,7 @@ def dmd2_student_loss(G: nn.Module, x: Tensor, cond: Cond, rng: StepRNG, progres
     t = training_sigma(x.shape[0], hp, rng, sigma_max, x)
     x_t = x_g + expand_sigma(t, x_g) * rng.randn_like(x_g)
     weight = weight_fn(x_t.detach(), t, cond) if weight_fn is not None else None
-    loss = vsd_loss(x_g, x_t, t, cond, teacher=teacher, fake=fake, weight=weight)
+    loss = vsd_loss(x_g, x_t, t, cond, teacher=teacher, fake=fake, weight=weight, balance_channels=hp.balance_channels)
     if disc is not None and hp.gan_weight > 0:
         loss = loss + hp.gan_weight * F.softplus(-disc(taps(x_t, t, cond)))
     return loss
