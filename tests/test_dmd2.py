@@ -94,6 +94,26 @@ def test_vsd_weight_scales_each_samples_gradient():
     torch.testing.assert_close(plain, w[:, None] * (fake(x_t, t) - teacher(x_t, t)) / 5)
 
 
+def test_multi_step_students_start_from_noise_or_from_noised_data():
+    """Level 0 (sigma_max): pure noise, as one-step sampling; lower levels: real data noised to the level."""
+    from fastgen_sci.methods.dmd2 import generate
+    seen = {}
+
+    def G(x_in, s, cond):
+        seen["x"], seen["s"] = x_in, s
+        return x_in
+
+    x = torch.full((4000, 2), 5.0, dtype=torch.float64)
+    generate(x, None, StepRNG(0, 0), G=G, hp=DMD2(sigmas=(2.0, 0.5)), sigma_max=80.0)
+    s, x_in = seen["s"], seen["x"]
+    assert set(s.tolist()) == {80.0, 2.0, 0.5} and all(abs((s == v).double().mean() - 1 / 3) < 0.03 for v in (80.0, 2.0, 0.5))
+    for v, offset in ((80.0, 0.0), (2.0, 5.0), (0.5, 5.0)):
+        rows = x_in[s == v]
+        assert abs(rows.mean() - offset) < 4 * v / math.sqrt(rows.numel()) and abs(rows.std() / v - 1) < 0.05
+    generate(x, None, StepRNG(0, 0), G=G, hp=DMD2(), sigma_max=80.0)
+    assert (seen["s"] == 80.0).all() and abs(seen["x"].mean()) < 4 * 80 / math.sqrt(8000)
+
+
 def test_balanced_vsd_normalises_each_channel():
     """balance_channels: w per (sample, channel) = 1 / mean over the channel's positions of |x_g - real|."""
     g = torch.Generator().manual_seed(0)
