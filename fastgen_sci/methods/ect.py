@@ -81,10 +81,11 @@ def euler_step(teacher: Denoiser, y_t: Tensor, t: Tensor, r: Tensor, cond: Cond)
 
 def heun_step(teacher: Denoiser, y_t: Tensor, t: Tensor, r: Tensor, cond: Cond) -> Tensor:
     """One Heun step of the teacher's probability-flow ODE from t to r (EDM Alg. 1); Euler where r = 0."""
-    y_e = euler_step(teacher, y_t, t, r, cond)
     t_, r_ = expand_sigma(t, y_t), expand_sigma(r, y_t)
+    D_t = teacher(y_t, t, cond)  # one call serves both slopes
+    y_e = y_t + (r_ - t_) * (y_t - D_t) / t_  # the Euler step, as euler_step computes it
+    d_t = (y_t - D_t) / t_
     r_safe = r.clamp(min=torch.finfo(r.dtype).tiny)
-    d_t = (y_t - teacher(y_t, t, cond)) / t_
     d_r = (y_e - teacher(y_e, r_safe, cond)) / expand_sigma(r_safe, y_t)
     return torch.where(r_ > 0, y_t + (r_ - t_) * (d_t + d_r) / 2, y_e)
 
