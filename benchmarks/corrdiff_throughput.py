@@ -48,7 +48,7 @@ def main() -> None:
         _, sec = timed_ensemble(model, sampler, cases, args.members, seed=0, batch_size=args.batch_size,
                                 device=device, desc=name)
         rates[name] = {"nfe": sampler.nfe, "members_per_second": 1 / sec, "peak_memory_mib": peak_memory(device) / 2**20}
-    players = ECT(variant="cd", sigma_max=800.0).players(student=pack.student(teacher), teacher=teacher)
+    players = ECT(variant="cd", solver="heun", sigma_max=800.0).players(student=pack.student(teacher), teacher=teacher)
     trainer = Trainer(iterations=args.iterations, batch_size=args.train_batch_size, device=str(device),
                       progress_bar=False, tensorboard=False)
     with tempfile.TemporaryDirectory() as run_dir:
@@ -59,7 +59,7 @@ def main() -> None:
         "grid": list(pack.data.grid), "cases": cases.n, "members": args.members, "batch_size": args.batch_size,
         "sampling": rates,
         "speedup_members_per_second": rates["student"]["members_per_second"] / rates["teacher"]["members_per_second"],
-        "distill": {"method": "ect-cd", "batch_size": args.train_batch_size, "iterations": args.iterations,
+        "distill": {"method": "ect-cd (heun step, as the main job)", "batch_size": args.train_batch_size, "iterations": args.iterations,
                     "iterations_per_second": summary["iterations_per_second"],
                     "peak_memory_mib": summary["peak_memory_bytes"] / 2**20, "peak_memory_of": summary["peak_memory_of"]},
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
