@@ -28,16 +28,16 @@ from .sft import dsm_loss
 
 
 @dataclass(frozen=True)
-class DMD2:
-    """DMD2 hyperparameters (METHODS.md "DMD2"); `features` name the teacher modules the discriminator reads.
+class Adversarial:
+    """What DMD2, f-distill and LADD share: the student's grid, the density of t, the alternation, the
+    discriminator's taps and every player's optimizer.
 
     Args:
         sigma_max: where the one-step student starts; None takes the teacher's.
         sigmas: a multi-step student's intermediate levels; its training input at those levels is real data
             noised to the level (the student's grid is [sigma_max, *sigmas]).
-        P_mean, P_std: log-normal density of t for the VSD and GAN terms and the fake score's DSM.
-        student_every: iterations per student update (5: DMD2's 1:4 alternation, critics every iteration).
-        gan_weight: lambda_G of the GAN term; 0 drops the discriminator player.
+        P_mean, P_std: log-normal density of t for the VSD and GAN terms (and DMD2's fake-score DSM).
+        student_every: iterations per student update; the critics update every iteration.
         features: teacher module paths tapped for the discriminator; () taps the teacher's output.
     """
 
@@ -46,25 +46,41 @@ class DMD2:
     P_mean: float = -1.2
     P_std: float = 1.2
     student_every: int = 5
-    gan_weight: float = 1e-3
-    balance_channels: bool = False  # VSD's normaliser per (sample, channel): variables of unequal scale learn alike
     features: tuple[str, ...] = ()
     disc_hidden: int = 64
     optimizer: str = "adamw"
     lr: float = 1e-4
-    fake_lr: float | None = None  # None: lr
-    disc_lr: float | None = None
+    disc_lr: float | None = None  # None: lr
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.01
-    grad_clip: float | None = 10.0
+    grad_clip: float | None = 10.0  # the student's
     critic_grad_clip: float | None = 10.0
     ema: bool = False
 
     def __post_init__(self):
+        name = type(self).__name__.lower()
         if self.student_every < 1:
-            raise ValueError(f"{type(self).__name__.lower()} student_every must be at least 1, got {self.student_every}")
+            raise ValueError(f"{name} student_every must be at least 1, got {self.student_every}")
         if list(self.sigmas) != sorted(self.sigmas, reverse=True) or any(s <= 0 for s in self.sigmas):
-            raise ValueError(f"{type(self).__name__.lower()} sigmas {list(self.sigmas)} must be positive and decreasing")
+            raise ValueError(f"{name} sigmas {list(self.sigmas)} must be positive and decreasing")
+
+
+@dataclass(frozen=True)
+class DMD2(Adversarial):
+    """DMD2 hyperparameters (METHODS.md "DMD2"): the shared ones plus the GAN weight and the fake score's lr.
+
+    Args:
+        student_every: 5, DMD2's 1:4 alternation.
+        gan_weight: lambda_G of the GAN term; 0 drops the discriminator player.
+    """
+
+    student_every: int = 5
+    gan_weight: float = 1e-3
+    balance_channels: bool = False  # VSD's normaliser per (sample, channel): variables of unequal scale learn alike
+    fake_lr: float | None = None  # None: lr
+
+    def __post_init__(self):
+        super().__post_init__()
         if self.gan_weight < 0:
             raise ValueError(f"gan_weight must be >= 0, got {self.gan_weight}")
 

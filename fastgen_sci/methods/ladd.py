@@ -16,33 +16,15 @@ from ..denoiser import Cond, Denoiser, expand_sigma
 from ..features import Discriminator, FeatureTap
 from ..rng import StepRNG
 from ..train import Player, Progress
-from .dmd2 import discriminator_player, generate, player, require_teacher, training_sigma
+from .dmd2 import Adversarial, discriminator_player, generate, player, require_teacher, training_sigma
 
 
 @dataclass(frozen=True)
-class LADD:
-    """LADD hyperparameters; the student updates every `student_every` iterations (2-5), the discriminator
-    every iteration. Fields shared with DMD2 mean the same (sigma_max, sigmas, P_mean/P_std, features)."""
+class LADD(Adversarial):
+    """LADD hyperparameters: DMD2's shared ones (`Adversarial`); the student updates every `student_every`
+    iterations (2-5), the discriminator every iteration."""
 
-    sigma_max: float | None = None
-    sigmas: tuple[float, ...] = ()
-    P_mean: float = -1.2
-    P_std: float = 1.2
     student_every: int = 2
-    features: tuple[str, ...] = ()
-    disc_hidden: int = 64
-    optimizer: str = "adamw"
-    lr: float = 1e-4
-    disc_lr: float | None = None
-    betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = 0.01
-    grad_clip: float | None = 10.0
-    critic_grad_clip: float | None = 10.0
-    ema: bool = False
-
-    def __post_init__(self):
-        if self.student_every < 1:
-            raise ValueError(f"ladd student_every must be at least 1, got {self.student_every}")
 
     def players(self, *, student: nn.Module, teacher: Denoiser | None = None) -> list[Player]:
         teacher = require_teacher(self, teacher)
