@@ -1,14 +1,18 @@
 """Directional (time) derivatives of a network, for sCM's and MeanFlow's tangents, two ways.
 
-`exact` uses forward-mode AD (torch.func.jvp). `fd` uses a finite difference and works for any network
-that runs forward, including kernels and sharded models without forward-mode support. Neither builds a
-graph: the derivative is a target (stop-gradient) in every method that uses it.
+`exact` uses forward-mode AD: dual numbers (torch.autograd.forward_ad), the same derivative as
+torch.func.jvp at ~80% of its cost on a CPU SongUNet (benchmarks/jvp_cost.py). `fd` uses a finite
+difference and works for any network that runs forward, including kernels and sharded models without
+forward-mode support. Neither builds a graph: the derivative is a target (stop-gradient) in every method
+that uses it (computing it with the primal in one graph-recording pass measured 1.9x slower: the tangent's
+ops are recorded too).
 """
 from __future__ import annotations
 
 from typing import Callable, Sequence
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 MODES = ("exact", "fd")
@@ -32,8 +36,10 @@ def jvp(fn: Callable[..., Tensor], primals: Sequence[Tensor], tangents: Sequence
     if len(primals) != len(tangents):
         raise ValueError(f"jvp: {len(primals)} primals but {len(tangents)} tangents")
     if mode == "exact":
-        with torch.no_grad():
-            return torch.func.jvp(fn, primals, tangents)[1]
+        with torch.no_grad(), fwAD.dual_level():
+            out = fn(*(fwAD.make_dual(p, v.to(p.dtype)) for p, v in zip(primals, tangents)))
+            tangent = fwAD.unpack_dual(out).tangent
+            return torch.zeros_like(out) if tangent is None else tangent
     B = primals[0].shape[0]
     ref = primals[0]
     h = torch.as_tensor(h, dtype=torch.float64, device=ref.device).expand(B)
