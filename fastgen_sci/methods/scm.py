@@ -71,7 +71,9 @@ class LogVar(nn.Module):
     def __init__(self, features: int = 32, hidden: int = 32, seed: int = 0):
         super().__init__()
         self.register_buffer("freqs", torch.randn(features // 2, generator=torch.Generator().manual_seed(seed)))
-        self.mlp = nn.Sequential(nn.Linear(features, hidden), nn.SiLU(), nn.Linear(hidden, 1))
+        with torch.random.fork_rng(devices=[]):  # its first layer's init: a function of `seed`, not of the global RNG
+            torch.manual_seed(seed)
+            self.mlp = nn.Sequential(nn.Linear(features, hidden), nn.SiLU(), nn.Linear(hidden, 1))
         nn.init.zeros_(self.mlp[-1].weight)
         nn.init.zeros_(self.mlp[-1].bias)
 
