@@ -281,3 +281,37 @@ def test_guard_scores_and_collapse_warning(capsys):
     row = guard(9, GaussianGenerator(0.0, 1.0))  # exact samples
     assert abs(row["guard/ssr"] - 1) < 0.15 and abs(row["guard/spread_ratio"] - 1) < 0.15, row
     assert "collapsing" not in capsys.readouterr().err
+
+
+def _ddp_players_worker(rank, world, port, out):
+    import os
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    _, players = run_players(DMD2, out, 6, gan_weight=0.1)
+    if rank == 0:
+        torch.save({f"{p.name}/{k}": v.clone() for p in players for k, v in p.module.state_dict().items()},
+                   os.path.join(out, "params.pt"))
+    torch.distributed.destroy_process_group()
+
+
+def test_two_process_ddp_runs_every_player_as_one_process(tmp_path):
+    """DMD2's three players under DDP (gloo, 2 processes) give the single process's weights and losses."""
+    import socket
+
+    import torch.multiprocessing as mp
+    _, players = run_players(DMD2, tmp_path / "single", 6, gan_weight=0.1)  # the student updates at iteration 4
+    single = {f"{p.name}/{k}": v for p in players for k, v in p.module.state_dict().items()}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_ddp_players_worker, args=(2, port, str(tmp_path / "ddp")), nprocs=2, start_method="spawn")
+    ddp = torch.load(tmp_path / "ddp" / "params.pt", weights_only=True)
+    assert set(ddp) == set(single) and any(k.startswith("discriminator/") for k in single)
+    for k in single:
+        torch.testing.assert_close(ddp[k], single[k], rtol=1e-4, atol=1e-5, msg=k)
+    rows = {d: read_metrics(tmp_path / d) for d in ("single", "ddp")}
+    for key in [k for k in rows["single"][0] if k.startswith("loss/")]:
+        a = [float(r[key]) for r in rows["single"] if r.get(key) not in (None, "")]
+        b = [float(r[key]) for r in rows["ddp"] if r.get(key) not in (None, "")]
+        assert len(a) == len(b) > 0 and b == pytest.approx(a, rel=1e-4), key

@@ -206,9 +206,9 @@ def discriminator_player(hp, disc: Discriminator, taps: FeatureTap, gen, sigma_m
     """The discriminator as a player; its heads are shaped by the teacher's features of the first batch."""
 
     @torch.no_grad()
-    def build(x: Tensor, cond: Cond) -> None:
-        t = torch.ones(x.shape[0], dtype=x.dtype, device=x.device)
-        disc.build(taps(x + torch.randn_like(x), t, cond))
+    def build(x: Tensor, cond: Cond) -> None:  # only the features' shapes matter: no random draw before the
+        t = torch.ones(x.shape[0], dtype=x.dtype, device=x.device)  # heads' init, so it is the same on any number
+        disc.build(taps(x, t, cond))  # of processes (a local batch of B / world rows would shift the RNG)
 
     loss = partial(discriminator_loss, generate=gen, taps=taps, hp=hp, sigma_max=sigma_max)
     return player(hp, "discriminator", disc, loss, lr=hp.disc_lr, prepare=build)
