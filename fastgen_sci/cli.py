@@ -287,7 +287,8 @@ def generate(cfg: DictConfig) -> None:
 
     Written block by block; rerunning the same command resumes an interrupted run.
     """
-    from .ensemble import MemberSampler, generate_ensemble, write_ensemble
+    from .ensemble import MemberSampler, generate_ensemble
+    from .store import write_ensemble
     if not cfg.student or not cfg.out:
         raise UserError("generate needs student=PATH and out=FILE.zarr|FILE.nc")
     device = resolve_device(cfg.device)

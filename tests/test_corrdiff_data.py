@@ -8,6 +8,7 @@ import pytest
 import xarray as xr
 
 from fastgen_sci.domains.corrdiff import data as D
+from fastgen_sci.domains.corrdiff import readers as R
 from fastgen_sci.domains.corrdiff import writers
 from fastgen_sci.domains.corrdiff.benchmark import VARIABLES, DownscalingBenchmark
 from fastgen_sci.domains.corrdiff.terrain import block_mean, load_terrain
@@ -28,7 +29,7 @@ def default_path(bench, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def data(default_path):
-    return D.open_dataset(default_path)
+    return R.open_dataset(default_path)
 
 
 def test_default_round_trip_reproduces_the_benchmark(bench, data):
@@ -48,7 +49,7 @@ def test_default_round_trip_reproduces_the_benchmark(bench, data):
 
 
 def test_lazy_reads_agree_with_eager(default_path, data):
-    lazy = D.open_dataset(default_path, eager=False)
+    lazy = R.open_dataset(default_path, eager=False)
     assert not isinstance(lazy.output_store.arrays[0]._data, np.ndarray)  # nothing loaded yet
     np.testing.assert_array_equal(lazy.inputs([3, 1]), data.inputs([3, 1]))
     D.validate(lazy)
@@ -60,15 +61,15 @@ def test_bilinear_upsampling_is_linear_interpolation_inside(default_path):
     centre = (np.arange(32) + 0.5) / 4 - 0.5  # coarse coordinate of each fine column (align_corners=False)
     inside = (centre >= 0) & (centre <= 7)
     np.testing.assert_allclose(up[:, inside], np.broadcast_to(centre[inside], (32, inside.sum())), atol=1e-6)
-    bil = D.open_dataset(default_path, upsample="bilinear")
-    nearest = D.open_dataset(default_path).inputs(0)
+    bil = R.open_dataset(default_path, upsample="bilinear")
+    nearest = R.open_dataset(default_path).inputs(0)
     assert bil.inputs(0).shape == nearest.shape == (1, 3, 32, 32) and not np.array_equal(bil.inputs(0), nearest)
 
 
 def test_same_seed_writes_identical_data(bench, default_path, tmp_path):
     again = writers.write_default_dataset(tmp_path / "a" / "data.nc", benchmark=bench, n_times=T, seed=SEED)
     other = writers.write_default_dataset(tmp_path / "b" / "data.nc", benchmark=bench, n_times=T, seed=SEED + 1)
-    d0, d1, d2 = (D.open_dataset(p) for p in (default_path, again, other))
+    d0, d1, d2 = (R.open_dataset(p) for p in (default_path, again, other))
     np.testing.assert_array_equal(d0.outputs(slice(None)), d1.outputs(slice(None)))
     np.testing.assert_array_equal(d0.inputs(slice(None)), d1.inputs(slice(None)))
     assert (again.parent / "stats.json").read_text() == (default_path.parent / "stats.json").read_text()
@@ -122,7 +123,7 @@ def test_cwb_round_trip_skips_invalid_times(tmp_path):
     path = writers.write_cwb_zarr(tmp_path / "cwb.zarr", valid=np.arange(6) != 2, invariants=elev,
                                   invariant_vars=["elevation"], **a)
     assert (path / ".zmetadata").is_file() and json.loads((path / "cwb" / ".zarray").read_text())["zarr_format"] == 2
-    d = D.open_dataset(path, output_vars=["v10", "t2m"])
+    d = R.open_dataset(path, output_vars=["v10", "t2m"])
     assert len(d) == 5 and list(d.store_index) == [0, 1, 3, 4, 5] and d.time[2] == a["time"][3]
     np.testing.assert_array_equal(d.outputs(slice(None)), a["outputs"][[0, 1, 3, 4, 5]][:, [2, 0]])
     np.testing.assert_array_equal(d.inputs(slice(None)), a["inputs"][[0, 1, 3, 4, 5]])
@@ -138,9 +139,9 @@ def test_cwb_levels_name_channels_and_per_channel_valid_masks(tmp_path):
     ds["era5_pressure"] = ("era5_channel",), np.array([np.nan, 500.0])
     ds["era5_valid"] = ds["era5_valid"].copy(data=np.array([[1, 1], [1, 0], [0, 1], [1, 1]], dtype=bool))
     ds.to_zarr(tmp_path / "two.zarr", zarr_format=2, consolidated=True)
-    d = D.open_dataset(tmp_path / "two.zarr")
+    d = R.open_dataset(tmp_path / "two.zarr")
     assert d.input_vars == ("temperature_2m", "msl_500") and list(d.store_index) == [0, 3]
-    only_t2m = D.open_dataset(tmp_path / "two.zarr", input_vars=["temperature_2m"])
+    only_t2m = R.open_dataset(tmp_path / "two.zarr", input_vars=["temperature_2m"])
     assert list(only_t2m.store_index) == [0, 1, 3]  # channel 1 is invalid at time 1, but it is not read
     np.testing.assert_array_equal(only_t2m.inputs(1)[0, 0], a["inputs"][1, 0])
 
@@ -153,8 +154,8 @@ def test_cwb_nan_at_a_valid_time_names_variable_and_time(tmp_path):
                                          for g in ("input", "output")},
                                   **a)
     with pytest.raises(D.NonFiniteError, match=r"'v10'.*time index 4"):
-        D.open_dataset(path)  # small store: scanned at open
-    lazy = D.open_dataset(path, eager=False)  # big-store path: checked per batch
+        R.open_dataset(path)  # small store: scanned at open
+    lazy = R.open_dataset(path, eager=False)  # big-store path: checked per batch
     assert lazy.outputs([0, 1]).shape == (2, 3, 16, 16)
     with pytest.raises(D.NonFiniteError, match=r"output variable 'v10'.*time index 4"):
         lazy.outputs([3, 4])
@@ -163,7 +164,7 @@ def test_cwb_nan_at_a_valid_time_names_variable_and_time(tmp_path):
 
 
 def test_export_cwb_from_default_data(data, tmp_path):
-    d = D.open_dataset(writers.export_cwb_zarr(tmp_path / "x.zarr", data))
+    d = R.open_dataset(writers.export_cwb_zarr(tmp_path / "x.zarr", data))
     np.testing.assert_array_equal(d.inputs(slice(None)), data.inputs(slice(None)))
     np.testing.assert_array_equal(d.outputs(slice(None)), data.outputs(slice(None)))
     np.testing.assert_allclose(d.invariants(), data.invariants())
@@ -180,7 +181,7 @@ def test_plain_xarray_dataset_with_computed_stats(tmp_path, suffix):
                             "lon": ("x", np.linspace(5, 16, 12))})
     path = tmp_path / f"plain{suffix}"
     ds.to_netcdf(path) if suffix == ".nc" else ds.to_zarr(path, consolidated=False)  # Zarr v3, no consolidation
-    d = D.open_dataset(path, input_vars=["t2m_era5"], output_vars=["t2m"], invariant_vars=["orography"])
+    d = R.open_dataset(path, input_vars=["t2m_era5"], output_vars=["t2m"], invariant_vars=["orography"])
     for group, name in (("input", "t2m_era5"), ("output", "t2m"), ("invariant", "orography")):
         assert d.stats[group][name]["mean"] == pytest.approx(float(ds[name].astype("f8").mean()), rel=1e-9)
         assert d.stats[group][name]["std"] == pytest.approx(float(ds[name].astype("f8").std()), rel=1e-9)
@@ -190,38 +191,38 @@ def test_plain_xarray_dataset_with_computed_stats(tmp_path, suffix):
 
 def test_missing_variable_errors_list_what_is_available(default_path, tmp_path):
     with pytest.raises(D.MissingVariableError, match=r"\['q2m'\] not found.*'t2m', 'u10', 'v10'"):
-        D.open_dataset(default_path, output_vars=["t2m", "q2m"])
+        R.open_dataset(default_path, output_vars=["t2m", "q2m"])
     ds = xr.Dataset({"a": (("time", "y", "x"), np.zeros((2, 4, 4))), "b": (("time", "y", "x"), np.zeros((2, 4, 4)))})
     with pytest.raises(D.MissingVariableError, match=r"input_vars= and output_vars=.*'a', 'b'"):
-        D.read_xarray(ds)
+        R.read_xarray(ds)
     stats = json.loads((default_path.parent / "stats.json").read_text())
     del stats["output"]["v10"]
     writers.write_stats(tmp_path / "s.json", stats)
     with pytest.raises(D.MissingVariableError, match=r"output variable 'v10'"):
-        D.open_dataset(default_path, stats=tmp_path / "s.json")
+        R.open_dataset(default_path, stats=tmp_path / "s.json")
 
 
 def test_grid_errors_say_what_was_expected(tmp_path):
     ds = xr.Dataset({"coarse": (("time", "y_lr", "x_lr"), np.zeros((2, 7, 7))),
                      "fine": (("time", "y", "x"), np.zeros((2, 32, 32)))})
     with pytest.raises(D.GridError, match=r"7 x 7 grid, outputs on 32 x 32.*integer multiple"):
-        D.read_xarray(ds, input_vars="coarse", output_vars="fine")
+        R.read_xarray(ds, input_vars="coarse", output_vars="fine")
     ok = xr.Dataset({"coarse": (("time", "y_lr", "x_lr"), np.zeros((2, 8, 8))),
                      "fine": (("time", "y", "x"), np.zeros((2, 32, 32))), "lat": (("half", "x"), np.zeros((16, 32))),
                      "lon": (("half", "x"), np.zeros((16, 32)))})
     with pytest.raises(D.GridError, match=r"lat \(16, 32\).*output grid \(32, 32\)"):
-        D.read_xarray(ok, input_vars="coarse", output_vars="fine")
-    assert D.read_xarray(ok.drop_vars(["lat", "lon"]), input_vars="coarse", output_vars="fine").factor == (4, 4)
+        R.read_xarray(ok, input_vars="coarse", output_vars="fine")
+    assert R.read_xarray(ok.drop_vars(["lat", "lon"]), input_vars="coarse", output_vars="fine").factor == (4, 4)
 
 
 def test_unknown_path_or_format_names_the_supported_formats(tmp_path):
     with pytest.raises(D.DataError, match="no such file.*hrrr-mini.*cwb.*xarray"):
-        D.open_dataset(tmp_path / "nope.nc")
+        R.open_dataset(tmp_path / "nope.nc")
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(D.DataError, match="not a netCDF file or Zarr store.*hrrr-mini"):
-        D.open_dataset(tmp_path / "notes.txt")
+        R.open_dataset(tmp_path / "notes.txt")
     with pytest.raises(D.DataError, match="unknown format 'grib'"):
-        D.open_dataset(tmp_path / "notes.txt", format="grib")
+        R.open_dataset(tmp_path / "notes.txt", format="grib")
 
 
 def test_generate_netcdf_layout(tmp_path):
@@ -297,7 +298,7 @@ def test_crash_while_overwriting_never_pairs_old_data_with_new_stats(bench, tmp_
 
 def test_flat_terrain_dataset_has_constant_invariants_and_finite_condition(tmp_path):
     flat = DownscalingBenchmark(N=16, b=4, terrain=None)
-    d = D.open_dataset(writers.write_default_dataset(tmp_path / "flat.nc", benchmark=flat, n_times=2, seed=0))
+    d = R.open_dataset(writers.write_default_dataset(tmp_path / "flat.nc", benchmark=flat, n_times=2, seed=0))
     assert d.stats["invariant"]["elevation"] == {"mean": 0.0, "std": 0.0} and np.isfinite(d.condition([0, 1])).all()
     assert np.isfinite(d.lat).all() and d.lat.shape == (16, 16)
 

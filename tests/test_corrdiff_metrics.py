@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from fastgen_sci.domains.corrdiff.metrics import (binned_spread_skill, ensemble_scores, mean_spectra,
-                                                  plot_rank_histograms, plot_sample_maps, plot_spectra,
-                                                  plot_spread_skill, reference_scores, versus_teacher)
+                                                  reference_scores, versus_teacher)
+from fastgen_sci.domains.corrdiff.plots import (plot_rank_histograms, plot_sample_maps, plot_spectra,
+                                                plot_spread_skill)
 from fastgen_sci.metrics import crps_ensemble
 
 VARS = ("t2m", "u10", "v10")

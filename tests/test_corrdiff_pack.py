@@ -109,7 +109,7 @@ def test_distill_evaluate_generate_on_the_cli(tiny_teacher, tmp_path):
                    f"run_dir={tmp_path / 'gen'}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     import xarray as xr
-    from fastgen_sci.ensemble import open_ensemble
+    from fastgen_sci.store import open_ensemble
     ds = open_ensemble(out)
     assert ds["t2m"].dims == ("member", "time", "y", "x") and ds["t2m"].shape == (5, 4, 16, 16)
     assert ds["t2m"].attrs["units"] == "K" and ds["u10"].attrs["standard_name"] == "eastward_wind"

@@ -7,10 +7,10 @@ import pytest
 import torch
 import xarray as xr
 
-from fastgen_sci.ensemble import (EnsembleStoreError, MemberSampler, generate_ensemble, open_ensemble,
-                                  sample_ensemble, write_ensemble)
+from fastgen_sci.ensemble import MemberSampler, generate_ensemble, sample_ensemble
 from fastgen_sci.registry import EvalCases
 from fastgen_sci.samplers import SamplerSpec
+from fastgen_sci.store import EnsembleStoreError, open_ensemble, write_ensemble
 
 N, M, VARS, SHAPE = 6, 10, ["u", "v", "w"], (4, 5)
 CHUNKS = (2, 4)  # 3 case chunks x 3 member chunks = 9 blocks

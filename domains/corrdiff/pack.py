@@ -20,9 +20,11 @@ from fastgen_sci.registry import EvalCases, frozen
 
 from . import conditioning
 from . import metrics as M
+from . import plots as P
 from .benchmark import DownscalingBenchmark
 from .codec import ResidualCodec
-from .data import DownscalingData, open_dataset
+from .data import DownscalingData
+from .readers import open_dataset
 from .writers import default_dataset
 
 DEFAULT_TEACHER = Path(__file__).parent / "data" / "teacher"
@@ -295,9 +297,9 @@ class CorrDiffPack:
         versus = M.versus_teacher(phys["student"], phys["teacher"], truth, variables, n_boot=50) \
             if "student" in phys and "teacher" in phys else None
         spectra = {name: M.mean_spectra(p, variables) for name, p in {"truth": truth, **phys}.items()}
-        return [M.plot_rank_histograms(scores, out_dir, versus=versus), M.plot_spectra(spectra, out_dir),
-                M.plot_spread_skill(scores, out_dir),
-                M.plot_sample_maps(truth, phys, variables, self.data.lat, self.data.lon, out_dir)]
+        return [P.plot_rank_histograms(scores, out_dir, versus=versus), P.plot_spectra(spectra, out_dir),
+                P.plot_spread_skill(scores, out_dir),
+                P.plot_sample_maps(truth, phys, variables, self.data.lat, self.data.lon, out_dir)]
 
 
 CF_NAMES = {"t2m": "air_temperature", "u10": "eastward_wind", "v10": "northward_wind"}

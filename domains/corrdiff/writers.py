@@ -21,7 +21,8 @@ import numpy as np
 import xarray as xr
 
 from .benchmark import VARIABLES, DownscalingBenchmark
-from .data import DownscalingData, GridError, _stats_dict, moments, open_dataset
+from .data import DownscalingData, GridError, _stats_dict, moments
+from .readers import open_dataset
 from .terrain import STEP_DEG, SIZE, load_terrain
 
 ATTRS = {  # CF attributes of the variables this pack writes
