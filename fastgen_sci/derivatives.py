@@ -24,7 +24,7 @@ def jvp(fn: Callable[..., Tensor], primals: Sequence[Tensor], tangents: Sequence
 
     Args:
         primals, tangents: fn's arguments and the direction, each with a leading batch dim B.
-        mode: 'exact' (torch.func.jvp) or 'fd' (finite difference).
+        mode: 'exact' (forward-mode AD) or 'fd' (finite difference).
         h: the finite-difference step, a float or one per sample [B].
         ahead, behind: per-sample 0/1 [B] choosing the stencil, J ~ (fn(p + a h v) - fn(p - b h v)) / ((a + b) h):
             both 1 (default) is the central difference, (1, 0) forward and (0, 1) backward, for samples
