@@ -1,5 +1,6 @@
 """Shared fixtures: small deterministic problems with closed-form answers."""
 import os
+import socket
 
 import pytest
 import torch
@@ -29,3 +30,11 @@ def gaussian_denoiser():
 def _cache_dir(tmp_path_factory):
     """Generated default data goes to a per-session cache, not the user's ~/.cache."""
     os.environ["FASTGEN_SCI_CACHE"] = str(tmp_path_factory.mktemp("fastgen_cache"))
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A TCP port free on localhost, for torch.distributed tests."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

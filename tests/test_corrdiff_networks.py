@@ -240,7 +240,7 @@ def test_save_refuses_non_corrdiff_modules(tmp_path):
 def test_default_tiny_teacher_at_32x32():
     """The default architecture for a 32x32 grid, 3 outputs and 5 inputs (3 coarse + elevation + land)."""
     reg, res = N.build_regression(5, 3, 32), N.build_residual(5, 3, 32)
-    assert 1.0e6 < sum(p.numel() for p in res.parameters()) < 1.5e6
+    assert sum(p.numel() for p in res.parameters()) == 1_211_683  # ~1.2M: trains on 2 CPU cores (physicsnemo 2.2)
     img_lr = torch.randn(16, 5, 32, 32)
     with torch.no_grad():
         mu = N.CorrDiffRegression(reg)(img_lr)

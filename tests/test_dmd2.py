@@ -295,17 +295,12 @@ def _ddp_players_worker(rank, world, port, out):
     torch.distributed.destroy_process_group()
 
 
-def test_two_process_ddp_runs_every_player_as_one_process(tmp_path):
+def test_two_process_ddp_runs_every_player_as_one_process(tmp_path, free_port):
     """DMD2's three players under DDP (gloo, 2 processes) give the single process's weights and losses."""
-    import socket
-
     import torch.multiprocessing as mp
     _, players = run_players(DMD2, tmp_path / "single", 6, gan_weight=0.1)  # the student updates at iteration 4
     single = {f"{p.name}/{k}": v for p in players for k, v in p.module.state_dict().items()}
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.start_processes(_ddp_players_worker, args=(2, port, str(tmp_path / "ddp")), nprocs=2, start_method="spawn")
+    mp.start_processes(_ddp_players_worker, args=(2, free_port, str(tmp_path / "ddp")), nprocs=2, start_method="spawn")
     ddp = torch.load(tmp_path / "ddp" / "params.pt", weights_only=True)
     assert set(ddp) == set(single) and any(k.startswith("discriminator/") for k in single)
     for k in single:

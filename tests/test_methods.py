@@ -141,10 +141,11 @@ def test_ect_drives_energy_distance_far_below_the_untrained_student(tmp_path):
 
 def test_balanced_channels_weigh_each_variable_by_its_inverse_scale():
     from fastgen_sci.methods.ect import channel_weights
-    x = torch.randn(64, 3, 8, 8, dtype=torch.float64) * torch.tensor([0.25, 0.5, 0.5], dtype=torch.float64)[:, None, None]
+    z = torch.randn(64, 1, 8, 8, dtype=torch.float64).expand(64, 3, 8, 8)  # one field, three scales
+    x = z * torch.tensor([0.25, 0.5, 0.5], dtype=torch.float64)[:, None, None]
     w = channel_weights(x)
     assert abs(w.mean().item() - 1) < 1e-12
-    assert 1.9 < (w[0] / w[1]).item() < 2.1 and abs((w[1] / w[2]).item() - 1) < 0.1
+    torch.testing.assert_close(w, torch.tensor([1.5, 0.75, 0.75], dtype=torch.float64))  # 1/RMS, mean 1
     # the balanced distance of an error proportional to each channel's scale counts every channel alike
     hp = ECT(P_mean=math.log(0.01), P_std=1e-6, c=0.0, balance_channels=True)
     f = GaussianFamily(1e6)

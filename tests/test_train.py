@@ -1,7 +1,6 @@
 """The training loop: exact resume, DDP equivalence, checkpoints, bad data."""
 import csv
 import os
-import socket
 
 import pytest
 import torch
@@ -78,10 +77,6 @@ def test_ema_halflife():
     assert abs(tr._ema_beta(0) ** 10 - 0.5) < 1e-12  # 10 steps of 100 images halve the old weight
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _ddp_worker(rank, world, port, out):
@@ -95,13 +90,13 @@ def _ddp_worker(rank, world, port, out):
     torch.distributed.destroy_process_group()
 
 
-def test_two_process_ddp_takes_the_same_first_step_as_one_process(tmp_path):
+def test_two_process_ddp_takes_the_same_first_step_as_one_process(tmp_path, free_port):
     pack, players = toy_setup()
     before = {k: v.clone() for k, v in players[0].module.state_dict().items()}
     quiet(iterations=1, batch_size=16, device="cpu").fit(players, pack.dataset(), tmp_path / "single")
     single = players[0].module.state_dict()
 
-    mp.start_processes(_ddp_worker, args=(2, _free_port(), str(tmp_path / "ddp")), nprocs=2, start_method="spawn")
+    mp.start_processes(_ddp_worker, args=(2, free_port, str(tmp_path / "ddp")), nprocs=2, start_method="spawn")
     ddp = torch.load(tmp_path / "ddp" / "params.pt", weights_only=True)
     moved = [k for k in single if not torch.equal(before[k], single[k])]
     assert moved  # the step changed the weights
