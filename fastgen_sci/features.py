@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .denoiser import Cond, Denoiser
@@ -70,11 +71,15 @@ class FeatureHead(nn.Module):
                                       conv(channels, hidden, 3, padding="same"), nn.SiLU(), conv(hidden, 1, 1))
         self.channels, self.spatial_dims = channels, spatial_dims
 
-    def forward(self, f: Tensor) -> Tensor:
+    def logits(self, f: Tensor) -> Tensor:
+        """A logit per position [B, N] (N = 1 for vectors): each position is judged on its receptive field."""
         if f.ndim != 2 + self.spatial_dims or f.shape[1] != self.channels:
             raise ValueError(f"feature head built for [B, {self.channels}, {self.spatial_dims} spatial dims], "
                              f"got {list(f.shape)}")
-        return self.body(f.float()).flatten(1).mean(dim=1)
+        return self.body(f.float()).flatten(1)
+
+    def forward(self, f: Tensor) -> Tensor:
+        return self.logits(f).mean(dim=1)
 
 
 def _groups(channels: int) -> int:
@@ -98,7 +103,30 @@ class Discriminator(nn.Module):
             self.heads.extend(FeatureHead(f.shape[1], f.ndim - 2, self.hidden) for f in features)
         return self
 
-    def forward(self, features: Sequence[Tensor]) -> Tensor:
+    def forward(self, features: Sequence[Tensor], patch: bool = False) -> Tensor | list[Tensor]:
+        """The logit per sample [B] (the heads' position-mean logits, summed), or with patch=True each head's
+        logits per position, [[B, N_head], ...]. (Both through forward, so a DDP-wrapped D syncs its gradients.)"""
+        heads = self._check(features)
+        if patch:
+            return [h.logits(f) for h, f in zip(heads, features)]
+        return torch.stack([h(f) for h, f in zip(heads, features)]).sum(0)
+
+    def _check(self, features: Sequence[Tensor]) -> nn.ModuleList:
         if len(features) != len(self.heads):
             raise ValueError(f"discriminator has {len(self.heads)} heads, got {len(features)} features")
-        return torch.stack([h(f) for h, f in zip(self.heads, features)]).sum(0)
+        return self.heads
+
+
+def logistic(D: nn.Module, features: Sequence[Tensor], *, real: bool, patch: bool = False) -> Tensor:
+    """The logistic GAN loss of a `Discriminator` D (or its DDP wrapper) towards `real`: softplus(-D), or softplus(D)
+    towards fake; per sample [B].
+
+    patch=False: of the logit D (the heads' position-mean logits, summed). patch=True: per position, averaged over
+    each head's positions and summed over heads (PatchGAN; LADD's per-token heads), so every region of a field is
+    judged on its own rather than only through the field's mean logit.
+    """
+    sign = -1.0 if real else 1.0
+    if not patch:
+        return F.softplus(sign * D(features))
+    return torch.stack([F.softplus(sign * l).mean(dim=1) for l in D(features, patch=True)]).sum(0)
+

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from fastgen_sci.denoiser import expand_sigma
-from fastgen_sci.features import Discriminator, FeatureHead, FeatureTap
+from fastgen_sci.features import Discriminator, FeatureHead, FeatureTap, logistic
 from fastgen_sci.guard import SpreadGuard, scores
 from fastgen_sci.methods.dmd2 import DMD2, dmd2_student_loss, vsd_loss
 from fastgen_sci.methods.f_distill import FDistill, f_weight, sigma_bin, update_running_mean
@@ -222,6 +222,43 @@ def test_discriminator_heads_run_forward_and_backward_on_odd_shapes(shape):
         D([torch.randn(shape[0], shape[1] + 1, *shape[2:])])
 
 
+def test_patch_logistic_loss_judges_each_position():
+    """patch=False: softplus of the summed position-mean logits; patch=True: softplus per position, averaged per
+    head and summed over heads. Their gap is Jensen's: zero for constant logits, positive otherwise."""
+    torch.manual_seed(0)
+    feats = [torch.randn(4, 8, 36, 58), torch.randn(4, 16, 100)]
+    D = Discriminator(hidden=8).build(feats)
+    per_position = [h.logits(f) for h, f in zip(D.heads, feats)]
+    assert [l.shape for l in per_position] == [(4, 36 * 58), (4, 100)]
+    mean_logit = sum(l.mean(dim=1) for l in per_position)
+    torch.testing.assert_close(logistic(D, feats, real=True), torch.nn.functional.softplus(-mean_logit))
+    torch.testing.assert_close(logistic(D, feats, real=False), torch.nn.functional.softplus(mean_logit))
+    patch = sum(torch.nn.functional.softplus(l).mean(dim=1) for l in per_position)
+    torch.testing.assert_close(logistic(D, feats, real=False, patch=True), patch)
+    one = Discriminator(hidden=8).build(feats[:1])
+    assert (logistic(one, feats[:1], real=True, patch=True) > logistic(one, feats[:1], real=True)).all()
+
+
+def test_approximate_r1_adds_a_nonnegative_penalty_linear_in_its_weight():
+    """discriminator_loss with r1_weight adds r1_weight (D(feat(x_t + r1_sigma n)) - D(feat(x_t)))^2 to the same
+    logistic terms (its perturbation is drawn after them): >= 0, > 0 for a non-constant D, and linear in the weight."""
+    from functools import partial
+    from fastgen_sci.methods.dmd2 import discriminator_loss, generate
+    torch.manual_seed(0)
+    x = torch.randn(64, 1) * S
+    D = Discriminator(hidden=4).build([x])
+
+    def loss(hp):
+        gen = partial(generate, G=GaussianGenerator(0.0, S).float(), hp=hp, sigma_max=80.0)
+        return discriminator_loss(D, x, None, StepRNG(1, 0), Progress(0, 0), generate=gen, hp=hp,
+                                  taps=FeatureTap(GaussianDenoiser(S)), sigma_max=80.0).detach()
+    base, r1, r1x2 = loss(DMD2()), loss(DMD2(r1_weight=10.0, r1_sigma=0.1)), loss(DMD2(r1_weight=20.0, r1_sigma=0.1))
+    assert (r1 >= base).all() and (r1 - base).mean() > 0
+    torch.testing.assert_close(r1x2 - base, 2 * (r1 - base))
+    with pytest.raises(ValueError, match="r1_weight"):
+        DMD2(r1_weight=-1.0)
+
+
 def test_feature_tap_collects_named_outputs_and_leaves_no_hooks():
     teacher = toy_teacher()
     tap = FeatureTap(teacher, ["net.blocks.0", "net.inp"])
@@ -288,7 +325,7 @@ def _ddp_players_worker(rank, world, port, out):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    _, players = run_players(DMD2, out, 6, gan_weight=0.1)
+    _, players = run_players(DMD2, out, 6, gan_weight=0.1, patch=True)
     if rank == 0:
         torch.save({f"{p.name}/{k}": v.clone() for p in players for k, v in p.module.state_dict().items()},
                    os.path.join(out, "params.pt"))
@@ -296,9 +333,11 @@ def _ddp_players_worker(rank, world, port, out):
 
 
 def test_two_process_ddp_runs_every_player_as_one_process(tmp_path, free_port):
-    """DMD2's three players under DDP (gloo, 2 processes) give the single process's weights and losses."""
+    """DMD2's three players under DDP (gloo, 2 processes; per-position GAN logits) give the single process's weights
+    and losses."""
     import torch.multiprocessing as mp
-    _, players = run_players(DMD2, tmp_path / "single", 6, gan_weight=0.1)  # the student updates at iteration 4
+    # the student updates at iteration 4
+    _, players = run_players(DMD2, tmp_path / "single", 6, gan_weight=0.1, patch=True)
     single = {f"{p.name}/{k}": v for p in players for k, v in p.module.state_dict().items()}
     mp.start_processes(_ddp_players_worker, args=(2, free_port, str(tmp_path / "ddp")), nprocs=2, start_method="spawn")
     ddp = torch.load(tmp_path / "ddp" / "params.pt", weights_only=True)

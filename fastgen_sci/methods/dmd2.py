@@ -16,11 +16,10 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..denoiser import Cond, Denoiser, expand_sigma
-from ..features import Discriminator, FeatureTap
+from ..features import Discriminator, FeatureTap, logistic
 from ..noise import lognormal_sigma
 from ..rng import StepRNG
 from ..train import Player, Progress
@@ -39,6 +38,10 @@ class Adversarial:
         P_mean, P_std: log-normal density of t for the VSD and GAN terms (and DMD2's fake-score DSM).
         student_every: iterations per student update; the critics update every iteration.
         features: teacher module paths tapped for the discriminator; () taps the teacher's output.
+        patch: the GAN losses per feature position (PatchGAN, LADD's per-token heads) instead of of the
+            position-mean logit (`features.logistic`).
+        r1_weight, r1_sigma: the approximate R1 penalty r1_weight (D(feat(x_t + r1_sigma n)) - D(feat(x_t)))^2 on
+            noised real data (a smooth discriminator around the data; 0 turns it off, saving a teacher call).
     """
 
     sigma_max: float | None = None
@@ -48,6 +51,9 @@ class Adversarial:
     student_every: int = 5
     features: tuple[str, ...] = ()
     disc_hidden: int = 64
+    patch: bool = False
+    r1_weight: float = 0.0
+    r1_sigma: float = 0.01
     optimizer: str = "adamw"
     lr: float = 1e-4
     disc_lr: float | None = None  # None: lr
@@ -63,6 +69,8 @@ class Adversarial:
             raise ValueError(f"{name} student_every must be at least 1, got {self.student_every}")
         if list(self.sigmas) != sorted(self.sigmas, reverse=True) or any(s <= 0 for s in self.sigmas):
             raise ValueError(f"{name} sigmas {list(self.sigmas)} must be positive and decreasing")
+        if self.r1_weight < 0 or self.r1_sigma <= 0:
+            raise ValueError(f"{name} needs r1_weight >= 0 and r1_sigma > 0, got {self.r1_weight}, {self.r1_sigma}")
 
 
 @dataclass(frozen=True)
@@ -178,7 +186,7 @@ def dmd2_student_loss(G: nn.Module, x: Tensor, cond: Cond, rng: StepRNG, progres
     weight = weight_fn(x_t.detach(), t, cond) if weight_fn is not None else None
     loss = vsd_loss(x_g, x_t, t, cond, teacher=teacher, fake=fake, weight=weight, balance_channels=hp.balance_channels)
     if disc is not None and hp.gan_weight > 0:
-        loss = loss + hp.gan_weight * F.softplus(-disc(taps(x_t, t, cond)))
+        loss = loss + hp.gan_weight * logistic(disc, taps(x_t, t, cond), real=True, patch=hp.patch)
     return loss
 
 
@@ -193,13 +201,20 @@ def fake_score_loss(fake: nn.Module, x: Tensor, cond: Cond, rng: StepRNG, progre
 
 def discriminator_loss(D: nn.Module, x: Tensor, cond: Cond, rng: StepRNG, progress: Progress, *, generate,
                        taps: FeatureTap, hp, sigma_max: float) -> Tensor:
-    """softplus(D(feat(x_g + t eps))) + softplus(-D(feat(x + t eps'))): fake low, real high; per sample [B]."""
+    """softplus(D(feat(x_g + t eps))) + softplus(-D(feat(x + t eps'))): fake low, real high (per position when
+    hp.patch), + the approximate R1 penalty when hp.r1_weight > 0; per sample [B]."""
     with torch.no_grad():
         x_g = generate(x, cond, rng)
         t = training_sigma(x.shape[0], hp, rng, sigma_max, x)
         fake_feats = taps(x_g + expand_sigma(t, x) * rng.randn_like(x), t, cond)
-        real_feats = taps(x + expand_sigma(t, x) * rng.randn_like(x), t, cond)
-    return F.softplus(D(fake_feats)) + F.softplus(-D(real_feats))
+        x_t = x + expand_sigma(t, x) * rng.randn_like(x)
+        real_feats = taps(x_t, t, cond)
+        if hp.r1_weight > 0:
+            near_feats = taps(x_t + hp.r1_sigma * rng.randn_like(x), t, cond)
+    loss = logistic(D, fake_feats, real=False, patch=hp.patch) + logistic(D, real_feats, real=True, patch=hp.patch)
+    if hp.r1_weight > 0:
+        loss = loss + hp.r1_weight * (D(near_feats) - D(real_feats)) ** 2
+    return loss
 
 
 def discriminator_player(hp, disc: Discriminator, taps: FeatureTap, gen, sigma_max: float) -> Player:

@@ -9,11 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import partial
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..denoiser import Cond, Denoiser, expand_sigma
-from ..features import Discriminator, FeatureTap
+from ..features import Discriminator, FeatureTap, logistic
 from ..rng import StepRNG
 from ..train import Player, Progress
 from .dmd2 import Adversarial, discriminator_player, generate, player, require_teacher, training_sigma
@@ -22,9 +21,11 @@ from .dmd2 import Adversarial, discriminator_player, generate, player, require_t
 @dataclass(frozen=True)
 class LADD(Adversarial):
     """LADD hyperparameters: DMD2's shared ones (`Adversarial`); the student updates every `student_every`
-    iterations (2-5), the discriminator every iteration."""
+    iterations (2-5), the discriminator every iteration; the heads judge every feature position (`patch`),
+    as LADD's per-token discriminator heads."""
 
     student_every: int = 2
+    patch: bool = True
 
     def players(self, *, student: nn.Module, teacher: Denoiser | None = None) -> list[Player]:
         teacher = require_teacher(self, teacher)
@@ -38,7 +39,8 @@ class LADD(Adversarial):
 
 def ladd_student_loss(G: nn.Module, x: Tensor, cond: Cond, rng: StepRNG, progress: Progress, *, hp: LADD,
                       disc: Discriminator, taps: FeatureTap, sigma_max: float) -> Tensor:
-    """softplus(-D(feat(x_g + t eps))): the non-saturating generator loss; per sample [B]."""
+    """softplus(-D(feat(x_g + t eps))): the non-saturating generator loss (per position when hp.patch); per
+    sample [B]."""
     x_g = generate(x, cond, rng, G=G, hp=hp, sigma_max=sigma_max)
     t = training_sigma(x.shape[0], hp, rng, sigma_max, x)
-    return F.softplus(-disc(taps(x_g + expand_sigma(t, x_g) * rng.randn_like(x_g), t, cond)))
+    return logistic(disc, taps(x_g + expand_sigma(t, x_g) * rng.randn_like(x_g), t, cond), real=True, patch=hp.patch)
