@@ -311,7 +311,7 @@ def test_configs_compose_into_the_dataclass(domain):
     from omegaconf import OmegaConf
 
     cfg = compose([f"domain={domain}", "method=meanflow"])
-    kwargs = {k: v for k, v in OmegaConf.to_container(cfg.method).items() if k != "name"}
+    kwargs = {k: v for k, v in OmegaConf.to_container(cfg.method, resolve=True).items() if k != "name"}
     assert set(kwargs) == {f.name for f in fields(MeanFlow)}
     method = MeanFlow(**kwargs | {"betas": tuple(kwargs["betas"])})
     tuned = Path(__file__).parents[1] / "configs" / "domain_method" / f"{domain}_meanflow.yaml"

@@ -29,6 +29,8 @@ class MeanFlow:
 
     Args:
         embedding: the student's noise-embedding submodule the gap is added to (e.g. 'net.embed').
+        sigma_max: the top of t's range, where the one-step map starts (the student sampler's sigma_max); None
+            takes the student's own.
         jvp: 'exact' (forward-mode AD) or 'fd' (boundary-aware finite difference, step fd_step in ln sigma).
     """
 
@@ -43,6 +45,7 @@ class MeanFlow:
     jvp: str = "exact"
     fd_step: float = 1e-3
     embedding: str | None = None
+    sigma_max: float | None = None
     optimizer: str = "adam"
     lr: float = 1e-4  # MeanFlow Tab. 4 (ImageNet): Adam, lr 1e-4, betas (0.9, 0.95)
     betas: tuple[float, float] = (0.9, 0.95)
@@ -56,13 +59,15 @@ class MeanFlow:
             raise ValueError(f"meanflow jvp must be one of {list(MODES)}, got '{self.jvp}'")
         if not 0 <= self.flow_ratio <= 1:
             raise ValueError(f"meanflow flow_ratio={self.flow_ratio} must be a share between 0 and 1")
+        if self.sigma_max is not None and self.sigma_max <= 0:
+            raise ValueError(f"meanflow sigma_max={self.sigma_max} must be positive (or null: the student's)")
 
     def players(self, *, student: nn.Module, teacher: Denoiser | None = None) -> list[Player]:
         if self.variant == "cd" and teacher is None:
             raise ValueError("meanflow variant 'cd' needs a teacher for the instantaneous velocity")
         model = student if isinstance(student, TimeGap) else TimeGap(student, self.embedding)
-        loss = partial(meanflow_loss, hp=self, sigma_min=model.sigma_min, sigma_max=model.sigma_max,
-                       teacher=teacher if self.variant == "cd" else None)
+        loss = partial(meanflow_loss, hp=self, sigma_min=model.sigma_min,
+                       sigma_max=self.sigma_max or model.sigma_max, teacher=teacher if self.variant == "cd" else None)
         return [Player("student", model, loss, optimizer=self.optimizer, lr=self.lr, betas=self.betas,
                        weight_decay=self.weight_decay, grad_clip=self.grad_clip)]
 
