@@ -20,7 +20,7 @@ from ..denoiser import Cond, Denoiser, expand_sigma
 from ..derivatives import MODES, jvp
 from ..rng import StepRNG
 from ..train import Player, Progress
-from .ect import same_dropout
+from .ect import channel_weights, same_dropout
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,7 @@ class MeanFlow:
     flow_ratio: float = 0.75  # share of the batch with r = t; MeanFlow Tab. 1a: 25% r != t is best
     p: float = 1.0  # adaptive weight 1 / (||Delta|| + c)^p (METHODS.md)
     c: float = 0.1
+    balance_channels: bool = False  # velocities weighted per channel by 1 / RMS of the batch's data (ECT's)
     variant: str = "cd"
     jvp: str = "exact"
     fd_step: float = 1e-3
@@ -192,4 +193,7 @@ def meanflow_loss(D: nn.Module, x: Tensor, cond: Cond, rng: StepRNG, progress: P
     J = time_derivative(D, z, t, r, v, cond, mode=hp.jvp, step=hp.fd_step, t_max=sigma_max / (1 + sigma_max), seed=seed,
                         dtype=x.dtype)
     u_tgt = v - expand_sigma(t - r, z) * J  # MeanFlow Eq. 10
+    if hp.balance_channels and x.ndim > 2:  # variables of unequal scale: Delta (and lambda) in balanced units
+        w = channel_weights(x).reshape(1, -1, *([1] * (x.ndim - 2)))
+        u, u_tgt = u * w, u_tgt * w
     return adaptive_loss(u, u_tgt, p=hp.p, c=hp.c)
