@@ -23,26 +23,27 @@ def a(t, s=S_STAR):
     return ((1 - t) ** 2 * s**2 + t**2).sqrt()
 
 
-def phi(t, r):
+def phi(t, r, s=S_STAR):
     """Exact average velocity over [r, t] per unit z_t: (1 - a(r) / a(t)) / (t - r); a'(t) / a(t) at r = t."""
     gap = t - r
     small = gap < 1e-6
     safe = torch.where(small, torch.ones_like(gap), gap)
-    return torch.where(small, (t - (1 - t) * S_STAR**2) / a(t) ** 2, (1 - a(t - safe) / a(t)) / safe)
+    return torch.where(small, (t - (1 - t) * s**2) / a(t, s) ** 2, (1 - a(t - safe, s) / a(t, s)) / safe)
 
 
 class GaussianMeanFlow(nn.Module):
-    """Two-time denoiser with u(z, t, r) = z (theta_0 phi(t, r) + theta_1): exact at theta = (1, 0)."""
+    """Two-time denoiser with u(z, t, r) = z (theta_0 phi(t, r) + theta_1): exact at theta = (1, 0). `s` may be
+    a tensor [1, C, 1] (data N(0, s_c^2) per channel)."""
 
-    def __init__(self, theta):
+    def __init__(self, theta, s=S_STAR):
         super().__init__()
         self.theta = nn.Parameter(torch.tensor(theta, dtype=torch.float64))
-        self.sigma_data, self.sigma_min, self.sigma_max = S_STAR, 0.002, 80.0
+        self.s, self.sigma_data, self.sigma_min, self.sigma_max = s, S_STAR, 0.002, 80.0
 
     def forward(self, x, sigma, cond=None, gap=0.0):
         t = expand_sigma(sigma, x) / (1 + expand_sigma(sigma, x))
         z = x * (1 - t)
-        u = z * (self.theta[0] * phi(t, t - expand_sigma(gap, x)) + self.theta[1])
+        u = z * (self.theta[0] * phi(t, t - expand_sigma(gap, x), self.s) + self.theta[1])
         return z - t * u  # D_h = z_t - t u
 
 
@@ -85,6 +86,49 @@ def test_training_from_a_perturbed_start_finds_the_exact_average_velocity(gaussi
         opt.step()
     err = (model.theta.detach() - torch.tensor([1.0, 0.0], dtype=torch.float64)).norm()
     assert err < 0.05 * math.hypot(0.3, 0.2), model.theta
+
+
+def test_balanced_channels_keep_the_exact_solution_and_reweight_the_rest():
+    """Channels of std 0.7 and 2.1 (ECT's weights 1.5 / 0.5): the gradient still vanishes at the exact average
+    velocity (weighting u and its target alike), but not when only one side is weighted; off the solution,
+    balancing turns the gradient (measured cos 0.67 to the unbalanced one)."""
+    s = torch.tensor([S_STAR, 3 * S_STAR], dtype=torch.float64).reshape(1, 2, 1)
+
+    class Teacher(nn.Module):  # exact per-channel denoiser of N(0, s_c^2)
+        sigma_data, sigma_min, sigma_max = S_STAR, 0.002, 80.0
+
+        def forward(self, x, sigma, cond=None):
+            return s**2 / (s**2 + expand_sigma(sigma, x) ** 2) * x
+
+    def grad(theta, balance):
+        model, g = GaussianMeanFlow(theta, s), []
+        for k in range(4):
+            x = StepRNG(k, 1).randn(20_000, 2, 1, dtype=torch.float64) * s
+            model.zero_grad()
+            meanflow_loss(model, x, None, StepRNG(k, 0), Progress(0, 0), sigma_min=0.002, sigma_max=80.0,
+                          hp=MeanFlow(flow_ratio=0.25, balance_channels=balance), teacher=Teacher()).mean().backward()
+            g.append(model.theta.grad.clone())
+        return torch.stack(g).mean(0)
+
+    g_off, g_off_bal = grad([1.15, 0.1], False), grad([1.15, 0.1], True)
+    assert grad([1.0, 0.0], True).abs().max() < 1e-3 * g_off_bal.abs().max()
+    cos = g_off @ g_off_bal / (g_off.norm() * g_off_bal.norm())
+    assert cos < 0.9 and float(g_off_bal @ torch.tensor([0.15, 0.1], dtype=torch.float64)) > 0, (g_off, g_off_bal)
+
+
+def test_sigma_max_sets_the_top_of_t():
+    class Tiny(nn.Module):
+        sigma_data, sigma_min, sigma_max = 0.5, 0.002, 800.0
+
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Linear(1, 4)
+
+    D = TimeGap(Tiny(), "emb")
+    assert MeanFlow(variant="ct").players(student=D)[0].loss.keywords["sigma_max"] == 800.0  # None: the student's
+    assert MeanFlow(variant="ct", sigma_max=80.0).players(student=D)[0].loss.keywords["sigma_max"] == 80.0
+    with pytest.raises(ValueError, match="sigma_max"):
+        MeanFlow(sigma_max=0.0)
 
 
 def test_adaptive_weight_is_one_over_norm_plus_c():
