@@ -87,11 +87,12 @@ def _groups(channels: int) -> int:
 
 
 class Discriminator(nn.Module):
-    """One FeatureHead per tapped feature; the logit is their sum. Built from example features."""
+    """One FeatureHead per tapped feature; the logit is their sum. Built from example features; the heads' init
+    is a function of `seed` alone (not of the global RNG state, which differs between `distill` and `compare`)."""
 
-    def __init__(self, hidden: int = 64):
+    def __init__(self, hidden: int = 64, seed: int = 0):
         super().__init__()
-        self.hidden, self.heads = hidden, nn.ModuleList()
+        self.hidden, self.seed, self.heads = hidden, seed, nn.ModuleList()
 
     @property
     def built(self) -> bool:
@@ -100,7 +101,9 @@ class Discriminator(nn.Module):
     def build(self, features: Sequence[Tensor]) -> "Discriminator":
         """Create the heads for features shaped like these (once; before the optimizer sees the parameters)."""
         if not self.built:
-            self.heads.extend(FeatureHead(f.shape[1], f.ndim - 2, self.hidden) for f in features)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.seed)
+                self.heads.extend(FeatureHead(f.shape[1], f.ndim - 2, self.hidden) for f in features)
         return self
 
     def forward(self, features: Sequence[Tensor], patch: bool = False) -> Tensor | list[Tensor]:

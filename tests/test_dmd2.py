@@ -222,6 +222,16 @@ def test_discriminator_heads_run_forward_and_backward_on_odd_shapes(shape):
         D([torch.randn(shape[0], shape[1] + 1, *shape[2:])])
 
 
+def test_discriminator_init_is_a_function_of_its_seed_alone():
+    feats = [torch.randn(2, 8, 36, 58), torch.randn(2, 16, 100)]
+    torch.manual_seed(1)
+    a = Discriminator(hidden=8).build(feats).state_dict()
+    torch.rand(7)  # another global RNG state: `compare` draws more before building than `distill`
+    b = Discriminator(hidden=8).build(feats).state_dict()
+    c = Discriminator(hidden=8, seed=1).build(feats).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a) and not all(torch.equal(a[k], c[k]) for k in a)
+
+
 def test_patch_logistic_loss_judges_each_position():
     """patch=False: softplus of the summed position-mean logits; patch=True: softplus per position, averaged per
     head and summed over heads. Their gap is Jensen's: zero for constant logits, positive otherwise."""
