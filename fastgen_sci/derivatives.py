@@ -152,12 +152,9 @@ class _Conv(torch.autograd.Function):
         raise RuntimeError("FusedJVP is for forward mode under no_grad (derivatives.jvp); no backward here")
 
 
-def _conv(op):
-    names = {F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d}
-
+def _conv(op, keys: tuple[str, ...]):
+    """op's signature after (input, weight, bias): positional arguments are named by `keys`."""
     def call(input, weight, bias=None, *args, **kwargs):
-        keys = (("stride", "padding", "output_padding", "groups", "dilation") if op in names
-                else ("stride", "padding", "dilation", "groups"))
         return _Conv.apply(op, input, weight, bias, {**dict(zip(keys, args)), **kwargs})
     return call
 
@@ -167,6 +164,8 @@ def _group_norm(input: Tensor, num_groups: int, weight: Tensor | None = None, bi
     return _GroupNorm.apply(input, num_groups, weight, bias, eps)[0]
 
 
+_CONV = ("stride", "padding", "dilation", "groups")
+_CONV_T = ("stride", "padding", "output_padding", "groups", "dilation")
 _LEAN = {F.group_norm: _group_norm,
-         **{op: _conv(op) for op in (F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d,
-                                     F.conv_transpose3d)}}
+         **{op: _conv(op, _CONV) for op in (F.conv1d, F.conv2d, F.conv3d)},
+         **{op: _conv(op, _CONV_T) for op in (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)}}

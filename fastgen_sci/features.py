@@ -132,4 +132,3 @@ def logistic(D: nn.Module, features: Sequence[Tensor], *, real: bool, patch: boo
     if not patch:
         return F.softplus(sign * D(features))
     return torch.stack([F.softplus(sign * l).mean(dim=1) for l in D(features, patch=True)]).sum(0)
-

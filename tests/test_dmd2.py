@@ -62,9 +62,12 @@ def test_vsd_gradient_vanishes_for_exact_samples_and_points_back_otherwise():
     assert abs(g_mu) < 1e-12 and abs(g_a) < 1e-12  # fake == real: exactly zero
     assert vsd_grad(0.3, S)[0] > 0 > vsd_grad(-0.3, S)[0]  # descent moves the mean back to 0
     assert vsd_grad(0.0, 1.3 * S)[1] > 0 > vsd_grad(0.0, 0.7 * S)[1]  # ... and the spread back to S
-    # the VSD gradient is reverse KL's: d/dmu KL(q || p) = mu / S^2 > 0 has the sign checked above, and the
-    # per-sample weight 1 / mean|x_g - real| makes it scale-free: doubling the shift roughly doubles it
-    assert 1.6 < vsd_grad(0.4, S)[0] / vsd_grad(0.2, S)[0] < 2.4
+    # the VSD gradient is reverse KL's: d/dmu KL(q || p) = mu / S^2 > 0 has the sign checked above. fake - real
+    # = mu t^2 / (S^2 + t^2) is linear in mu, and the weight 1 / mean|x_g - real| shrinks with it: x_g - real is
+    # N(m, s^2) per dimension with m / s = t mu / (S sqrt(S^2 + t^2)) <= mu / S, whose mean |.| grows by
+    # ~(m / s)^2 / 2. So doubling the shift from 0.2 to 0.4 scales the gradient by between 2 (small t) and
+    # 2 x 1.031 / 1.125 = 1.83 (large t); measured 1.88-1.89 on three seeds. Without the weight: exactly 2.
+    assert 1.8 < vsd_grad(0.4, S)[0] / vsd_grad(0.2, S)[0] < 1.97
 
 
 def test_vsd_descent_converges_to_the_data_law():

@@ -38,7 +38,7 @@ class Adversarial:
         P_mean, P_std: log-normal density of t for the VSD and GAN terms (and DMD2's fake-score DSM).
         student_every: iterations per student update; the critics update every iteration.
         features: teacher module paths tapped for the discriminator; () taps the teacher's output.
-        patch: the GAN losses per feature position (PatchGAN, LADD's per-token heads) instead of of the
+        patch: the GAN losses per feature position (PatchGAN, LADD's per-token heads) rather than on the
             position-mean logit (`features.logistic`).
         r1_weight, r1_sigma: the approximate R1 penalty r1_weight (D(feat(x_t + r1_sigma n)) - D(feat(x_t)))^2 on
             noised real data (a smooth discriminator around the data; 0 turns it off, saving a teacher call).
