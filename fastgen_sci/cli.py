@@ -1,6 +1,7 @@
 """`fastgen-sci <command> key=value ...`: Hydra entry points, the only place a config object lives."""
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -159,9 +160,17 @@ def _guard(cfg: DictConfig, pack, teacher, method):
     g = cfg.get("guard")
     if not g or not g.every:
         return None
-    return SpreadGuard(pack.eval_cases(), teacher, sampler_spec(cfg.teacher_sampler), sampler_spec(cfg.student_sampler),
+    keep_best = bool(g.get("keep_best", False))
+    if hasattr(pack, "validation_cases"):  # optional pack method: cases disjoint from the evaluation cases
+        cases = pack.validation_cases(g.cases)
+    else:
+        cases = pack.eval_cases()
+        if keep_best and cases.truth is not None:  # never select on the evaluation truth
+            cases = dataclasses.replace(cases, truth=None)
+    return SpreadGuard(cases, teacher, sampler_spec(cfg.teacher_sampler), sampler_spec(cfg.student_sampler),
                        every=g.every, members=g.members, n_cases=g.cases, ssr_floor=g.ssr_floor, seed=cfg.seed,
-                       device=resolve_device(cfg.device), unwrap=lambda m: registry.sampleable(method, m))
+                       keep_best=keep_best, device=resolve_device(cfg.device),
+                       unwrap=lambda m: registry.sampleable(method, m))
 
 
 def save_student(pack, student, run_dir: Path) -> Path:

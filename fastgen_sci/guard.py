@@ -6,11 +6,19 @@ time) and logs, next to the losses:
 * guard/ssr: corrected spread-skill ratio against the truth (when the pack has one), ~1 when reliable;
 * guard/spread_ratio: student spread / teacher spread, ~1 when the student keeps the teacher's spread;
 * guard/teacher_rank_flatness: flatness of the rank of teacher members among the student's (~1 when the
-  two ensembles are exchangeable, large when the student's range misses the teacher's draws).
+  two ensembles are exchangeable, large when the student's range misses the teacher's draws);
+* guard/crps: the student's fair CRPS against the truth (when the pack has one), in model space.
 It warns when the SSR (or, without truth, the spread ratio) falls below `ssr_floor`.
+
+With `keep_best` the trainer keeps the student whose `criterion` is lowest (fair CRPS with truth, else
+|log spread ratio|) and returns it instead of the last one: a GAN's spread swings while it trains, so the
+iteration where training happens to stop should not decide the result. Select on validation cases, never on
+the evaluation cases' truth (the CLI passes the pack's `validation_cases` when it has them, and drops the
+truth of evaluation cases from a selecting guard).
 """
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass, field
 from typing import Callable
@@ -21,11 +29,11 @@ from tqdm.auto import tqdm
 
 from .denoiser import Denoiser
 from .ensemble import sample_ensemble
-from .metrics import rank_flatness, rank_histogram, spread_skill
+from .metrics import crps_ensemble, rank_flatness, rank_histogram, spread_skill
 from .registry import EvalCases
 from .samplers import SamplerSpec
 
-FIELDS = ["guard/ssr", "guard/spread_ratio", "guard/teacher_rank_flatness"]
+FIELDS = ["guard/ssr", "guard/spread_ratio", "guard/teacher_rank_flatness", "guard/crps"]
 
 
 @dataclass
@@ -41,6 +49,7 @@ class SpreadGuard:
     n_cases: int = 8
     ssr_floor: float = 0.5
     seed: int = 0
+    keep_best: bool = False
     device: torch.device | str = "cpu"
     unwrap: Callable[[nn.Module], nn.Module] = lambda m: m  # trained module -> sampleable Denoiser
     fields: list[str] = field(default_factory=lambda: list(FIELDS))
@@ -73,6 +82,12 @@ class SpreadGuard:
                   "1 is flat)", file=sys.stderr)
         return row
 
+    @staticmethod
+    def criterion(row: dict[str, float]) -> float:
+        """Lower is better: the fair CRPS when the cases have truth, else |log(student spread / teacher's)|."""
+        score = row["guard/crps"] if "guard/crps" in row else abs(math.log(max(row["guard/spread_ratio"], 1e-300)))
+        return score if score == score else math.inf  # NaN: never the best
+
     def _ensemble(self, model: Denoiser, sampler: SamplerSpec) -> Tensor:
         return sample_ensemble(model, sampler, self.cases, self.members, seed=self.seed, batch_size=256,
                                device=self.device, progress=False)  # [N, M, *shape]
@@ -88,6 +103,7 @@ def scores(student: Tensor, teacher: Tensor, truth: Tensor | None) -> dict[str, 
            "guard/teacher_rank_flatness": float(rank_flatness(counts))}
     if truth is not None:
         row["guard/ssr"] = float(spread_skill(s, truth.to(s))["ssr"])
+        row["guard/crps"] = float(crps_ensemble(s, truth.to(s)).mean())
     return row
 
 

@@ -72,6 +72,7 @@ class DomainPack(Protocol):
     def plots(self, samples: Mapping[str, Tensor], cases: EvalCases, out_dir: Path) -> list[Path]: ...
 
     # Optional: cross_scores(student, teacher, cases) -> dict (scores needing both ensembles);
+    # validation_cases(n) -> EvalCases disjoint from eval_cases (the guard scores and selects on them);
     # train_teacher(make_trainer=, method=, run_dir=) -> Denoiser (multi-stage teachers, e.g. CorrDiff);
     # ensemble_dataset(denoiser, sampler, members=, seed=, batch_size=, device=) -> lazy xarray.Dataset and
     # to_netcdf(ds, path) for `generate` in the domain's own units and layout.

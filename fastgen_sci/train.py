@@ -93,7 +93,9 @@ class Trainer:
         """Train the players on `dataset` (items {'x': Tensor, 'cond': {...}}) and return a summary.
 
         guard: e.g. a `guard.SpreadGuard`; when `guard.due(it)`, `guard(it, student)` scores the first player's
-        (averaged) network and its numbers join the log row (columns `guard.fields`).
+        (averaged) network and its numbers join the log row (columns `guard.fields`). With `guard.keep_best`,
+        the network with the lowest `guard.criterion(row)` so far is kept in checkpoints/best.safetensors and
+        put back into the first player's (averaged) network when training ends (summary key "selected").
         """
         run_dir = Path(run_dir)
         rank, world = _init_distributed()
@@ -117,6 +119,8 @@ class Trainer:
         fields = ["iteration", "images", "seconds"] + [f"{k}/{p.name}" for p in players for k in ("loss", "grad_norm", "lr")]
         fields += list(guard.fields) if guard is not None else []
         log = _MetricsLog(run_dir, start=start, fields=fields, enabled=rank == 0, tensorboard=self.tensorboard)
+        best = _BestStudent(run_dir / "checkpoints" / "best.safetensors", start=start, enabled=rank == 0) \
+            if guard is not None and getattr(guard, "keep_best", False) else None
         bar = tqdm(total=self.iterations, initial=start, disable=rank != 0 or not self.progress_bar,
                    desc="train", unit="it", dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 15)
         t0 = time.perf_counter()
@@ -150,7 +154,10 @@ class Trainer:
                 row |= {f"loss/{p.name}": _mean_over_ranks(loss, world), f"grad_norm/{p.name}": float(grad_norm),
                         f"lr/{p.name}": lr}
             if guard is not None and rank == 0 and guard.due(it):
-                row |= guard(it, self.averaged(players[0]))
+                scores = guard(it, self.averaged(players[0]))
+                row |= scores
+                if best is not None:
+                    best.offer(it + 1, guard.criterion(scores), self.averaged(players[0]))
             # --- logs, progress and checkpoints ------------------------------------------------
             save_now = (self.checkpoint_every and (it + 1) % self.checkpoint_every == 0) or it + 1 == self.iterations
             row["seconds"] = time.perf_counter() - t0
@@ -168,7 +175,8 @@ class Trainer:
         log.close()
         seconds = time.perf_counter() - t0
         done = self.iterations - start
-        return {"iterations": self.iterations, "resumed_from": start, "seconds": seconds,
+        selected = best.restore(self.averaged(players[0])) if best is not None else None
+        return ({"selected": selected} if selected else {}) | {"iterations": self.iterations, "resumed_from": start, "seconds": seconds,
                 "iterations_per_second": done / seconds if done else 0.0,
                 "images_per_second": done * self.batch_size / seconds if done else 0.0,
                 "peak_memory_bytes": peak_memory(device), "peak_memory_of": _PEAK_OF[device.type == "cuda"],
@@ -293,6 +301,31 @@ def _fetch(dataset, idx: list[int], device: torch.device) -> tuple[Tensor, Cond]
     cond = items.get("cond") or None
     cond = {k: v.to(device, non_blocking=True) for k, v in cond.items()} if cond else None
     return items["x"].to(device, non_blocking=True), cond
+
+
+class _BestStudent:
+    """The network with the lowest guard criterion so far, in a safetensors file that survives a resume."""
+
+    def __init__(self, path: Path, *, start: int, enabled: bool):
+        self.path, self.enabled, self.score = path, enabled, math.inf
+        if enabled and path.exists():
+            if start == 0:  # a fresh run: a file left from an earlier one is not a candidate
+                path.unlink()
+            else:
+                self.score = float(checkpoint.load_state(path)[1]["score"])
+
+    def offer(self, iteration: int, score: float, module: nn.Module) -> None:
+        if self.enabled and score < self.score:
+            self.score = score
+            checkpoint.save_weights(module, self.path, {"iteration": str(iteration), "score": repr(score)})
+
+    def restore(self, module: nn.Module) -> dict | None:
+        """Load the kept network into `module` (every rank); {'iteration', 'score'}, or None if none was kept."""
+        if not self.path.exists():
+            return None
+        checkpoint.load_weights(module, self.path)
+        meta = checkpoint.load_state(self.path)[1]
+        return {"iteration": int(meta["iteration"]), "score": float(meta["score"])}
 
 
 class _MetricsLog:

@@ -208,7 +208,15 @@ class CorrDiffPack:
 
     @functools.cached_property
     def _eval_cases(self) -> EvalCases:
-        idx = self.split("eval")
+        return self._cases(self.split("eval"))
+
+    def validation_cases(self, n: int) -> EvalCases:
+        """The last n training times: disjoint from the evaluation cases (for the guard's model selection).
+        They are among the training times (each drawn about three times in 900 x 32 images, with fresh noise):
+        not enough for a one-step generator to memorise their residuals."""
+        return self._cases(self.split("train")[-n:])
+
+    def _cases(self, idx: np.ndarray) -> EvalCases:
         img_lr, mu = self.mean_of(idx)
         y = self.target(idx)
         return EvalCases(n=len(idx), shape=tuple(y.shape[1:]), cond={"img_lr": img_lr}, truth=y - mu,
