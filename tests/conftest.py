@@ -1,9 +1,13 @@
 """Shared fixtures: small deterministic problems with closed-form answers."""
+import math
 import os
 import socket
 
 import pytest
 import torch
+from torch import nn
+
+from fastgen_sci.denoiser import expand_sigma
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)  # tiny ops: one thread is fastest and immune to oversubscription
@@ -19,6 +23,19 @@ class GaussianDenoiser(torch.nn.Module):
     def forward(self, x, sigma, cond=None):
         sigma = torch.as_tensor(sigma, dtype=x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
         return self.s**2 / (self.s**2 + sigma**2) * x
+
+
+class GaussianGenerator(nn.Module):
+    """One-step student whose samples are N(mu, a^2 I): G(sigma_max eps) = mu + a eps."""
+
+    def __init__(self, mu: float, a: float):
+        super().__init__()
+        self.mu = nn.Parameter(torch.tensor(mu, dtype=torch.float64))
+        self.log_a = nn.Parameter(torch.tensor(math.log(a), dtype=torch.float64))
+        self.sigma_data, self.sigma_min, self.sigma_max = 0.8, 0.002, 80.0  # sigma_data: test_dmd2's data
+
+    def forward(self, x, sigma, cond=None):
+        return self.mu + self.log_a.exp() * x / expand_sigma(sigma, x)
 
 
 @pytest.fixture

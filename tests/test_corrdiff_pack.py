@@ -41,6 +41,12 @@ def test_residual_dataset_and_cases_decode_back_to_the_truth(tiny_teacher):
     assert train.mean(dim=(0, 2, 3)).abs().max() < 0.1 and (train.std(dim=(0, 2, 3)) - 1).abs().max() < 0.1
     truth = p.data.outputs(p.split("eval"))
     torch.testing.assert_close(cases.extra["truth"], torch.from_numpy(truth), rtol=1e-5, atol=1e-4)
+    # the guard's validation cases: the last training times, disjoint from the evaluation times
+    val = p.validation_cases(5)
+    assert val.n == 5 and val.cond["img_lr"].shape == (5, 5, 16, 16)
+    assert list(val.extra["time"]) == list(p.data.time[p.split("train")[-5:]])
+    assert not set(val.extra["time"]) & set(cases.extra["time"])
+    torch.testing.assert_close(val.truth, ds.residual[-5:], rtol=1e-5, atol=1e-5)  # what the student trains on
 
 
 def test_exact_posterior_draws_score_like_the_optimum(tiny_teacher):
