@@ -148,11 +148,13 @@ def test_save_load_round_trip(tmp_path, residual, regression, batch):
         assert [f for f in os.listdir(tmp_path) if f.startswith(".")] == []  # no temporary file left behind
         loaded = N.load_mdlus(path, expected_class=kind)
         assert type(loaded) is type(net) and not loaded.training
+        # the adapters (other tests) made the fixture's group norms infer as they train; the same for the copies
         run = (lambda m: m(x, img_lr, sigma)) if kind.startswith("EDM") else (lambda m: m(torch.zeros_like(x), img_lr))
         with torch.no_grad():
-            assert torch.equal(run(loaded), run(net))
+            assert torch.equal(run(N.train_mode_group_norm(loaded)), run(N.train_mode_group_norm(net)))
             import physicsnemo  # PhysicsNeMo's own loader reads the file too
-            assert torch.equal(run(physicsnemo.Module.from_checkpoint(str(path)).eval()), run(net))
+            theirs = physicsnemo.Module.from_checkpoint(str(path)).eval()
+            assert torch.equal(run(N.train_mode_group_norm(theirs)), run(net))
 
 
 @needs_physicsnemo
@@ -273,3 +275,29 @@ def test_corrdiff_embedding_path_makes_songunet_two_time_with_exact_and_fd_deriv
     J_exact, J_fd = (time_derivative(S, x, t, r, v, cond, mode=m, **kw) for m in ("exact", "fd"))
     rel = (J_fd - J_exact).flatten(1).norm(dim=1) / J_exact.flatten(1).norm(dim=1)
     assert rel.max() < 0.03, rel  # float32, measured 2e-4 / 2e-3 / 1.4e-2: one-sided at r = t and t = t_max
+
+
+@needs_physicsnemo
+def test_group_norm_infers_as_it_trained_and_survives_a_copy(batch):
+    x, img_lr = batch
+    net = _scramble(N.build_residual(C_LR, C_OUT, H, **TINY), 3)
+    sigma = torch.full((3,), 2.0)
+    stock = net(x, img_lr, sigma)  # PhysicsNeMo's eval path: unbiased variance over the rearranged groups
+    D = N.CorrDiffResidual(net).eval()
+    ours = D(x, sigma, {"img_lr": img_lr})
+    gap = (ours - stock).abs().max() / stock.abs().max()  # the same function up to the n / (n - 1) variance
+    assert 0 < gap < 1e-2, gap
+    norms = [m for m in net.modules() if type(m).__name__ == "GroupNorm"]
+    assert norms
+    for gn in norms[:3]:
+        h = torch.randn(2, gn.weight.numel(), 8, 8)
+        expect = torch.nn.functional.group_norm(h, gn.num_groups, gn.weight, gn.bias, gn.eps)
+        expect = expect if gn.act_fn is None else gn.act_fn(expect)
+        torch.testing.assert_close(gn(h), expect, rtol=0, atol=0)  # eval mode, exactly the training kernel
+    twin = copy.deepcopy(D)
+    gn2 = [m for m in twin.net.modules() if type(m).__name__ == "GroupNorm"][0]
+    with torch.no_grad():
+        gn2.bias.add_(1.0)  # the copy's layers use the copy's weights
+    h = torch.randn(2, gn2.weight.numel(), 8, 8)
+    expect = torch.nn.functional.group_norm(h, gn2.num_groups, gn2.weight, gn2.bias, gn2.eps)
+    torch.testing.assert_close(gn2(h), expect if gn2.act_fn is None else gn2.act_fn(expect), rtol=0, atol=0)
