@@ -38,6 +38,7 @@ class Adversarial:
         P_mean, P_std: log-normal density of t for the VSD and GAN terms (and DMD2's fake-score DSM).
         student_every: iterations per student update; the critics update every iteration.
         features: teacher module paths tapped for the discriminator; () taps the teacher's output.
+        disc_hidden, disc_seed: the discriminator heads' width, and the seed of their initial weights.
         patch: the GAN losses per feature position (PatchGAN, LADD's per-token heads) rather than on the
             position-mean logit (`features.logistic`).
         r1_weight, r1_sigma: the approximate R1 penalty r1_weight (D(feat(x_t + r1_sigma n)) - D(feat(x_t)))^2 on
@@ -51,6 +52,7 @@ class Adversarial:
     student_every: int = 5
     features: tuple[str, ...] = ()
     disc_hidden: int = 64
+    disc_seed: int = 0
     patch: bool = False
     r1_weight: float = 0.0
     r1_sigma: float = 0.01
@@ -97,7 +99,7 @@ class DMD2(Adversarial):
         sigma_max = self.sigma_max or teacher.sigma_max
         fake = fake_score(teacher, student)
         gen = partial(generate, G=student, hp=self, sigma_max=sigma_max)
-        disc, taps = (Discriminator(self.disc_hidden), FeatureTap(teacher, self.features)) if self.gan_weight > 0 else (None, None)
+        disc, taps = (Discriminator(self.disc_hidden, self.disc_seed), FeatureTap(teacher, self.features)) if self.gan_weight > 0 else (None, None)
         loss = partial(dmd2_student_loss, hp=self, teacher=teacher, fake=fake, disc=disc, taps=taps,
                        sigma_max=sigma_max, weight_fn=self.vsd_weight(disc, taps, sigma_max))
         players = [player(self, "student", student, loss, every=self.student_every),

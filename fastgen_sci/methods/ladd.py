@@ -30,7 +30,7 @@ class LADD(Adversarial):
     def players(self, *, student: nn.Module, teacher: Denoiser | None = None) -> list[Player]:
         teacher = require_teacher(self, teacher)
         sigma_max = self.sigma_max or teacher.sigma_max
-        disc, taps = Discriminator(self.disc_hidden), FeatureTap(teacher, self.features)
+        disc, taps = Discriminator(self.disc_hidden, self.disc_seed), FeatureTap(teacher, self.features)
         gen = partial(generate, G=student, hp=self, sigma_max=sigma_max)
         loss = partial(ladd_student_loss, hp=self, disc=disc, taps=taps, sigma_max=sigma_max)
         return [player(self, "student", student, loss, every=self.student_every),
