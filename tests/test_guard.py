@@ -45,7 +45,8 @@ def test_guard_crps_and_selection_criterion():
     # E fair CRPS(N(0, 1), y ~ N(0, 1)) = 1 / sqrt(pi); a point forecast at 0 scores E|y| = sqrt(2 / pi)
     assert abs(exact["guard/crps"] - 1 / math.sqrt(math.pi)) < 0.03, exact
     assert abs(collapsed["guard/crps"] - math.sqrt(2 / math.pi)) < 0.05, collapsed
-    assert SpreadGuard.criterion(exact) == exact["guard/crps"] < SpreadGuard.criterion(collapsed)
+    assert abs(exact["guard/crps_ratio"] - 1) < 0.05 and abs(collapsed["guard/crps_ratio"] - math.sqrt(2)) < 0.1
+    assert SpreadGuard.criterion(exact) == exact["guard/crps_ratio"] < SpreadGuard.criterion(collapsed)
     # without truth: distance of the spread ratio from 1 on a log scale, either way; NaN is never the best
     assert SpreadGuard.criterion({"guard/spread_ratio": 0.5}) == SpreadGuard.criterion({"guard/spread_ratio": 2.0})
     assert SpreadGuard.criterion({"guard/spread_ratio": 1.0}) == 0.0
@@ -110,3 +111,17 @@ def test_without_keep_best_the_last_student_is_returned(tmp_path):
     assert "selected" not in summary and not (tmp_path / "checkpoints" / "best.safetensors").exists()
     for k, v in final.items():
         torch.testing.assert_close(v, guard.seen[20][k], rtol=0, atol=0)
+
+
+def test_crps_ratio_counts_channels_of_unequal_scale_alike():
+    g = torch.Generator().manual_seed(2)
+    scale = torch.tensor([1.0, 10.0]).reshape(1, 1, 2, 1)  # [N, M, C, X]: channel 1 ten times channel 0
+    draw = lambda: torch.randn(64, 16, 2, 40, generator=g) * scale
+    teacher, truth = draw(), (torch.randn(64, 2, 40, generator=g) * scale[0])
+    collapsed = [draw(), draw()]
+    for c in (0, 1):
+        collapsed[c][:, :, c] = 0.0  # a point forecast at the mean on channel c only
+    a, b = (scores(e, teacher, truth) for e in collapsed)
+    assert b["guard/crps"] > 1.2 * a["guard/crps"]  # pooled, collapsing the small channel looks 25% better
+    for row in (a, b):  # per channel: one exact (ratio 1), one collapsed (sqrt 2), whichever is large
+        assert abs(row["guard/crps_ratio"] - (1 + math.sqrt(2)) / 2) < 0.06, row
