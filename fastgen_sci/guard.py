@@ -8,12 +8,12 @@ time) and logs, next to the losses:
 * guard/teacher_rank_flatness: flatness of the rank of teacher members among the student's (~1 when the
   two ensembles are exchangeable, large when the student's range misses the teacher's draws);
 * guard/crps: the student's fair CRPS against the truth (when the pack has one), in model space;
-* guard/crps_ratio: the student's fair CRPS over the teacher's, per channel (dim 0 of a sample with more than
-  one dim), then averaged: channels of unequal scale count alike.
+* guard/crps_ratio, guard/crps_ratio_max: the student's fair CRPS over the teacher's per channel (dim 0 of a
+  sample with more than one dim; channels of unequal scale count alike), averaged, and the worst channel's.
 It warns when the SSR (or, without truth, the spread ratio) falls below `ssr_floor`.
 
-With `keep_best` the trainer keeps the student whose `criterion` is lowest (the CRPS ratio with truth, else
-|log spread ratio|) and returns it instead of the last one: a GAN's spread swings while it trains, so the
+With `keep_best` the trainer keeps the student whose `criterion` is lowest (the worst channel's CRPS ratio
+with truth, else |log spread ratio|) and returns it instead of the last one: a GAN's spread swings while it trains, so the
 iteration where training happens to stop should not decide the result. Select on validation cases, never on
 the evaluation cases' truth (the CLI passes the pack's `validation_cases` when it has them, and drops the
 truth of evaluation cases from a selecting guard).
@@ -35,7 +35,8 @@ from .metrics import crps_ensemble, rank_flatness, rank_histogram, spread_skill
 from .registry import EvalCases
 from .samplers import SamplerSpec
 
-FIELDS = ["guard/ssr", "guard/spread_ratio", "guard/teacher_rank_flatness", "guard/crps", "guard/crps_ratio"]
+FIELDS = ["guard/ssr", "guard/spread_ratio", "guard/teacher_rank_flatness", "guard/crps", "guard/crps_ratio",
+          "guard/crps_ratio_max"]
 
 
 @dataclass
@@ -86,8 +87,12 @@ class SpreadGuard:
 
     @staticmethod
     def criterion(row: dict[str, float]) -> float:
-        """Lower is better: the CRPS ratio to the teacher when the cases have truth, else |log(spread ratio)|."""
-        score = row["guard/crps_ratio"] if "guard/crps_ratio" in row else abs(math.log(max(row["guard/spread_ratio"], 1e-300)))
+        """Lower is better: the worst channel's CRPS ratio to the teacher when the cases have truth (skill targets
+        hold per variable), else |log(spread ratio)|."""
+        if "guard/crps_ratio_max" in row:
+            score = row["guard/crps_ratio_max"]
+        else:
+            score = abs(math.log(max(row["guard/spread_ratio"], 1e-300)))
         return score if score == score else math.inf  # NaN: never the best
 
     def _ensemble(self, model: Denoiser, sampler: SamplerSpec) -> Tensor:
@@ -107,7 +112,8 @@ def scores(student: Tensor, teacher: Tensor, truth: Tensor | None) -> dict[str, 
         row["guard/ssr"] = float(spread_skill(s, truth.to(s))["ssr"])
         crps_s, crps_t = (crps_ensemble(e, truth.to(e)) for e in (s, t))  # [N, *shape]
         row["guard/crps"] = float(crps_s.mean())
-        row["guard/crps_ratio"] = float((_per_channel(crps_s) / _per_channel(crps_t).clamp(min=1e-300)).mean())
+        ratio = _per_channel(crps_s) / _per_channel(crps_t).clamp(min=1e-300)  # [C]
+        row["guard/crps_ratio"], row["guard/crps_ratio_max"] = float(ratio.mean()), float(ratio.max())
     return row
 
 

@@ -46,7 +46,7 @@ def test_guard_crps_and_selection_criterion():
     assert abs(exact["guard/crps"] - 1 / math.sqrt(math.pi)) < 0.03, exact
     assert abs(collapsed["guard/crps"] - math.sqrt(2 / math.pi)) < 0.05, collapsed
     assert abs(exact["guard/crps_ratio"] - 1) < 0.05 and abs(collapsed["guard/crps_ratio"] - math.sqrt(2)) < 0.1
-    assert SpreadGuard.criterion(exact) == exact["guard/crps_ratio"] < SpreadGuard.criterion(collapsed)
+    assert SpreadGuard.criterion(exact) == exact["guard/crps_ratio_max"] < SpreadGuard.criterion(collapsed)
     # without truth: distance of the spread ratio from 1 on a log scale, either way; NaN is never the best
     assert SpreadGuard.criterion({"guard/spread_ratio": 0.5}) == SpreadGuard.criterion({"guard/spread_ratio": 2.0})
     assert SpreadGuard.criterion({"guard/spread_ratio": 1.0}) == 0.0
@@ -125,3 +125,4 @@ def test_crps_ratio_counts_channels_of_unequal_scale_alike():
     assert b["guard/crps"] > 1.2 * a["guard/crps"]  # pooled, collapsing the small channel looks 25% better
     for row in (a, b):  # per channel: one exact (ratio 1), one collapsed (sqrt 2), whichever is large
         assert abs(row["guard/crps_ratio"] - (1 + math.sqrt(2)) / 2) < 0.06, row
+        assert abs(row["guard/crps_ratio_max"] - math.sqrt(2)) < 0.1 and SpreadGuard.criterion(row) == row["guard/crps_ratio_max"]
