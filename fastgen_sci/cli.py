@@ -145,11 +145,12 @@ def distill(cfg: DictConfig) -> None:
     _print_summary(report, run_dir)
 
 
-def _train_student(cfg: DictConfig, pack, teacher, dataset, run_dir: Path):
-    """Distil `teacher` with cfg.method into run_dir: (frozen student, training summary, saved checkpoint)."""
+def _train_student(cfg: DictConfig, pack, teacher, dataset, run_dir: Path, guard_cfg: DictConfig | None = None):
+    """Distil `teacher` with cfg.method into run_dir: (frozen student, training summary, saved checkpoint).
+    guard_cfg: the config whose guard and student sampler score the student while training (default cfg)."""
     method, trainer = build_method(cfg), build_trainer(cfg)
     players = method.players(student=pack.student(teacher), teacher=teacher)
-    summary = trainer.fit(players, dataset, run_dir, guard=_guard(cfg, pack, teacher, method))
+    summary = trainer.fit(players, dataset, run_dir, guard=_guard(guard_cfg or cfg, pack, teacher, method))
     student = frozen(registry.sampleable(method, trainer.averaged(players[0])))
     return student, summary, save_student(pack, student, run_dir)
 
@@ -231,10 +232,11 @@ def compare_methods(cfg: DictConfig) -> None:
     models, training = {"teacher": (teacher, sampler_spec(cfg.teacher_sampler))}, {}
     levels = sorted({float(v) for k in steps if k > 1 for v in cfg.few_step_sigmas[str(k)]}, reverse=True)
     for i, m in enumerate(methods):  # student_sampler.sigmas: every level scored, for methods that train levels (KD)
-        sub = compose("config", overrides=[*keep, f"method={m}", *(f"{k}={v}" for k, v in budget.items()),
-                                           f"++student_sampler.sigmas={levels}"])
+        own = [*keep, f"method={m}", *(f"{k}={v}" for k, v in budget.items())]
+        sub = compose("config", overrides=[*own, f"++student_sampler.sigmas={levels}"])
         print(f"[2/3] ({i + 1}/{len(methods)}) distilling with {m} into {run_dir / m}")
-        student, training[m], _ = _train_student(sub, pack, teacher, dataset, run_dir / m)
+        # the guard scores (and selects) the student with its own sampler, as `distill` does, not the scored levels
+        student, training[m], _ = _train_student(sub, pack, teacher, dataset, run_dir / m, compose("config", overrides=own))
         base = OmegaConf.to_container(sub.student_sampler, resolve=True)
         for k in steps:  # few-step students get K - 1 intermediate sigmas; diffusion students K solver steps
             if base["name"] in STEP_LISTS:
