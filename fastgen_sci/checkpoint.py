@@ -48,6 +48,16 @@ def load_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[s
         return state, dict(f.metadata() or {})
 
 
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """A .safetensors file's metadata, without reading its tensors."""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from None
+
+
 def load_weights(module: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Load a .safetensors state dict into `module`, with errors that name the file and the mismatch."""
     state = _read(Path(path))

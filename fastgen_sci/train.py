@@ -312,7 +312,7 @@ class _BestStudent:
             if start == 0:  # a fresh run: a file left from an earlier one is not a candidate
                 path.unlink()
             else:
-                self.score = float(checkpoint.load_state(path)[1]["score"])
+                self.score = float(checkpoint.read_metadata(path)["score"])
 
     def offer(self, iteration: int, score: float, module: nn.Module) -> None:
         if self.enabled and score < self.score:
@@ -324,7 +324,7 @@ class _BestStudent:
         if not self.path.exists():
             return None
         checkpoint.load_weights(module, self.path)
-        meta = checkpoint.load_state(self.path)[1]
+        meta = checkpoint.read_metadata(self.path)
         return {"iteration": int(meta["iteration"]), "score": float(meta["score"])}
 
 
