@@ -170,7 +170,7 @@ def _guard(cfg: DictConfig, pack, teacher, method):
             cases = dataclasses.replace(cases, truth=None)
     return SpreadGuard(cases, teacher, sampler_spec(cfg.teacher_sampler), sampler_spec(cfg.student_sampler),
                        every=g.every, members=g.members, n_cases=g.cases, ssr_floor=g.ssr_floor, seed=cfg.seed,
-                       keep_best=keep_best, device=resolve_device(cfg.device),
+                       keep_best=keep_best, select=g.get("select", "crps"), device=resolve_device(cfg.device),
                        unwrap=lambda m: registry.sampleable(method, m))
 
 

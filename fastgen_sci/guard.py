@@ -5,6 +5,7 @@ iterations the guard draws `members` members for the first `cases` evaluation ca
 time) and logs, next to the losses:
 * guard/ssr: corrected spread-skill ratio against the truth (when the pack has one), ~1 when reliable;
 * guard/spread_ratio: student spread / teacher spread, ~1 when the student keeps the teacher's spread;
+* guard/spread_ratio_worst: the same per channel, the channel's furthest from 1 (on a log scale);
 * guard/teacher_rank_flatness: flatness of the rank of teacher members among the student's (~1 when the
   two ensembles are exchangeable, large when the student's range misses the teacher's draws);
 * guard/crps: the student's fair CRPS against the truth (when the pack has one), in model space;
@@ -12,9 +13,13 @@ time) and logs, next to the losses:
   sample with more than one dim; channels of unequal scale count alike), averaged, and the worst channel's.
 It warns when the SSR (or, without truth, the spread ratio) falls below `ssr_floor`.
 
-With `keep_best` the trainer keeps the student whose `criterion` is lowest (the worst channel's CRPS ratio
-with truth, else |log spread ratio|) and returns it instead of the last one: a GAN's spread swings while it trains, so the
-iteration where training happens to stop should not decide the result. Select on validation cases, never on
+With `keep_best` the trainer keeps the student whose `criterion` is lowest and returns it instead of the last one:
+a GAN's spread swings while it trains, so the iteration where training happens to stop should not decide the
+result. `select` names the criterion:
+* 'crps': the worst channel's CRPS ratio to the teacher (without truth: the worst channel's |log spread ratio|);
+* 'crps_spread': the worst channel's CRPS ratio or spread mismatch max(r, 1/r) with r its spread ratio, whichever
+  is larger. A proper score barely moves when the spread is 30% short (the fair CRPS of N(0, 0.7^2) against
+  N(0, 1) draws is 3% above the optimum); this criterion makes a spread 30% short count as a 43% skill loss. Select on validation cases, never on
 the evaluation cases' truth (the CLI passes the pack's `validation_cases` when it has them, and drops the
 truth of evaluation cases from a selecting guard).
 """
@@ -35,7 +40,8 @@ from .metrics import crps_ensemble, rank_flatness, rank_histogram, spread_skill
 from .registry import EvalCases
 from .samplers import SamplerSpec
 
-FIELDS = ["guard/ssr", "guard/spread_ratio", "guard/teacher_rank_flatness", "guard/crps", "guard/crps_ratio",
+SELECT = ("crps", "crps_spread")
+FIELDS = ["guard/ssr", "guard/spread_ratio", "guard/spread_ratio_worst", "guard/teacher_rank_flatness", "guard/crps", "guard/crps_ratio",
           "guard/crps_ratio_max"]
 
 
@@ -53,12 +59,15 @@ class SpreadGuard:
     ssr_floor: float = 0.5
     seed: int = 0
     keep_best: bool = False
+    select: str = "crps"
     device: torch.device | str = "cpu"
     unwrap: Callable[[nn.Module], nn.Module] = lambda m: m  # trained module -> sampleable Denoiser
     fields: list[str] = field(default_factory=lambda: list(FIELDS))
     _teacher_ens: Tensor | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
+        if self.select not in SELECT:
+            raise ValueError(f"guard select must be one of {list(SELECT)}, got '{self.select}'")
         if self.members < 2:
             raise ValueError(f"guard members must be at least 2 (a spread needs two), got {self.members}")
         self.cases = _first(self.cases, self.n_cases)
@@ -85,14 +94,15 @@ class SpreadGuard:
                   "1 is flat)", file=sys.stderr)
         return row
 
-    @staticmethod
-    def criterion(row: dict[str, float]) -> float:
-        """Lower is better: the worst channel's CRPS ratio to the teacher when the cases have truth (skill targets
-        hold per variable), else |log(spread ratio)|."""
-        if "guard/crps_ratio_max" in row:
-            score = row["guard/crps_ratio_max"]
+    def criterion(self, row: dict[str, float]) -> float:
+        """Lower is better (`select`, module doc); skill and spread targets hold per variable, so per channel."""
+        log_mismatch = abs(math.log(max(row.get("guard/spread_ratio_worst", row["guard/spread_ratio"]), 1e-300)))
+        if "guard/crps_ratio_max" not in row:
+            score = log_mismatch
+        elif self.select == "crps_spread":
+            score = max(row["guard/crps_ratio_max"], math.exp(log_mismatch))
         else:
-            score = abs(math.log(max(row["guard/spread_ratio"], 1e-300)))
+            score = row["guard/crps_ratio_max"]
         return score if score == score else math.inf  # NaN: never the best
 
     def _ensemble(self, model: Denoiser, sampler: SamplerSpec) -> Tensor:
@@ -103,10 +113,12 @@ class SpreadGuard:
 def scores(student: Tensor, teacher: Tensor, truth: Tensor | None) -> dict[str, float]:
     """Guard scores of ensembles [N, M, *shape] (teacher too) against truth [N, *shape] or None."""
     s, t = student.transpose(0, 1).double(), teacher.transpose(0, 1).double()  # members first
-    spread_s, spread_t = s.var(0).mean().sqrt(), t.var(0).mean().sqrt()
+    var_s, var_t = s.var(0), t.var(0)  # [N, *shape]
+    per_channel = (_per_channel(var_s) / _per_channel(var_t).clamp(min=1e-300)).sqrt()  # [C]
     g = torch.Generator().manual_seed(0)
     counts = sum(rank_histogram(s, t[k], generator=g) for k in range(t.shape[0]))
-    row = {"guard/spread_ratio": float(spread_s / spread_t.clamp(min=1e-30)),
+    row = {"guard/spread_ratio": float((var_s.mean() / var_t.mean().clamp(min=1e-300)).sqrt()),
+           "guard/spread_ratio_worst": float(per_channel[per_channel.log().abs().nan_to_num(math.inf).argmax()]),
            "guard/teacher_rank_flatness": float(rank_flatness(counts))}
     if truth is not None:
         row["guard/ssr"] = float(spread_skill(s, truth.to(s))["ssr"])

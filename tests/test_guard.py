@@ -46,11 +46,33 @@ def test_guard_crps_and_selection_criterion():
     assert abs(exact["guard/crps"] - 1 / math.sqrt(math.pi)) < 0.03, exact
     assert abs(collapsed["guard/crps"] - math.sqrt(2 / math.pi)) < 0.05, collapsed
     assert abs(exact["guard/crps_ratio"] - 1) < 0.05 and abs(collapsed["guard/crps_ratio"] - math.sqrt(2)) < 0.1
-    assert SpreadGuard.criterion(exact) == exact["guard/crps_ratio_max"] < SpreadGuard.criterion(collapsed)
+    assert guard.criterion(exact) == exact["guard/crps_ratio_max"] < guard.criterion(collapsed)
     # without truth: distance of the spread ratio from 1 on a log scale, either way; NaN is never the best
-    assert SpreadGuard.criterion({"guard/spread_ratio": 0.5}) == SpreadGuard.criterion({"guard/spread_ratio": 2.0})
-    assert SpreadGuard.criterion({"guard/spread_ratio": 1.0}) == 0.0
-    assert SpreadGuard.criterion({"guard/spread_ratio": float("nan")}) == math.inf
+    assert guard.criterion({"guard/spread_ratio": 0.5}) == guard.criterion({"guard/spread_ratio": 2.0})
+    assert guard.criterion({"guard/spread_ratio": 1.0}) == 0.0
+    assert guard.criterion({"guard/spread_ratio": float("nan")}) == math.inf
+
+
+def test_crps_spread_selects_the_calibrated_student_that_crps_alone_passes_over():
+    """Biased by 0.3 but calibrated: fair CRPS 4.5% above the optimum; unbiased with 75% of the spread: 1.8% above
+    (closed forms for N(0, 1) truth). 'crps' keeps the short one; 'crps_spread' counts its spread as 1/0.75."""
+    g = torch.Generator().manual_seed(3)
+    truth = torch.randn(4096, 2, generator=g)
+    teacher = torch.randn(4096, 8, 2, generator=g)
+    biased, short = 0.3 + torch.randn(4096, 8, 2, generator=g), 0.75 * torch.randn(4096, 8, 2, generator=g)
+    a, b = scores(biased, teacher, truth), scores(short, teacher, truth)
+    assert abs(a["guard/crps_ratio_max"] - 1.045) < 0.02 and abs(b["guard/crps_ratio_max"] - 1.018) < 0.02, (a, b)
+    assert abs(b["guard/spread_ratio_worst"] - 0.75) < 0.02 and abs(a["guard/spread_ratio_worst"] - 1) < 0.03
+    kw = dict(cases=EvalCases(n=1, shape=(2,)), teacher=GaussianDenoiser(1.0), teacher_sampler=SamplerSpec(),
+              student_sampler=SamplerSpec(name="few_step"))
+    by_crps, by_both = SpreadGuard(**kw, select="crps"), SpreadGuard(**kw, select="crps_spread")
+    assert by_crps.criterion(b) < by_crps.criterion(a)
+    assert by_both.criterion(a) < by_both.criterion(b) and abs(by_both.criterion(b) - 1 / 0.75) < 0.04
+    try:
+        SpreadGuard(**kw, select="ssr")
+        raise AssertionError("an unknown criterion was accepted")
+    except ValueError as e:
+        assert "crps_spread" in str(e)
 
 
 class ScriptedGuard:
@@ -125,4 +147,6 @@ def test_crps_ratio_counts_channels_of_unequal_scale_alike():
     assert b["guard/crps"] > 1.2 * a["guard/crps"]  # pooled, collapsing the small channel looks 25% better
     for row in (a, b):  # per channel: one exact (ratio 1), one collapsed (sqrt 2), whichever is large
         assert abs(row["guard/crps_ratio"] - (1 + math.sqrt(2)) / 2) < 0.06, row
-        assert abs(row["guard/crps_ratio_max"] - math.sqrt(2)) < 0.1 and SpreadGuard.criterion(row) == row["guard/crps_ratio_max"]
+        assert abs(row["guard/crps_ratio_max"] - math.sqrt(2)) < 0.1
+        assert row["guard/spread_ratio_worst"] < 0.01  # the collapsed channel, whichever is large
+    assert a["guard/spread_ratio"] > 0.95  # pooled over channels, the small channel's collapse does not show
