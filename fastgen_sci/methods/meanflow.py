@@ -9,7 +9,6 @@ one-step map D_{h=t}, and at initialisation the teacher's instantaneous velocity
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 from dataclasses import dataclass
 from functools import partial
@@ -33,9 +32,6 @@ class MeanFlow:
         sigma_max: the top of t's range, where the one-step map starts (the student sampler's sigma_max); None
             takes the student's own.
         jvp: 'exact' (forward-mode AD) or 'fd' (boundary-aware finite difference, step fd_step in ln sigma).
-        target_ema: None (the paper): J is the trained network's own derivative. A decay mu in (0, 1): J is taken
-            from a slow copy, theta- <- mu theta- + (1 - mu) theta each step (a target network, as the original
-            consistency models' theta-), so the target stops chasing every step of the student.
     """
 
     P_mean_t: float = -0.6  # logit-normal t and r (METHODS.md); (t, r) <- (max, min)
@@ -51,7 +47,6 @@ class MeanFlow:
     fd_step: float = 1e-3
     embedding: str | None = None
     sigma_max: float | None = None
-    target_ema: float | None = None
     optimizer: str = "adam"
     lr: float = 1e-4  # MeanFlow Tab. 4 (ImageNet): Adam, lr 1e-4, betas (0.9, 0.95)
     betas: tuple[float, float] = (0.9, 0.95)
@@ -65,8 +60,6 @@ class MeanFlow:
             raise ValueError(f"meanflow jvp must be one of {list(MODES)}, got '{self.jvp}'")
         if not 0 <= self.flow_ratio <= 1:
             raise ValueError(f"meanflow flow_ratio={self.flow_ratio} must be a share between 0 and 1")
-        if self.target_ema is not None and not 0 <= self.target_ema < 1:
-            raise ValueError(f"meanflow target_ema={self.target_ema} must be a decay in [0, 1) (or null: no target)")
         if self.sigma_max is not None and self.sigma_max <= 0:
             raise ValueError(f"meanflow sigma_max={self.sigma_max} must be positive (or null: the student's)")
 
@@ -75,8 +68,7 @@ class MeanFlow:
             raise ValueError("meanflow variant 'cd' needs a teacher for the instantaneous velocity")
         model = student if isinstance(student, TimeGap) else TimeGap(student, self.embedding)
         loss = partial(meanflow_loss, hp=self, sigma_min=model.sigma_min,
-                       sigma_max=self.sigma_max or model.sigma_max, teacher=teacher if self.variant == "cd" else None,
-                       target=None if self.target_ema is None else TargetNetwork(model, self.target_ema))
+                       sigma_max=self.sigma_max or model.sigma_max, teacher=teacher if self.variant == "cd" else None)
         return [Player("student", model, loss, optimizer=self.optimizer, lr=self.lr, betas=self.betas,
                        weight_decay=self.weight_decay, grad_clip=self.grad_clip)]
 
@@ -116,35 +108,6 @@ class TimeGap(nn.Module):
                           for s in (sigma, sigma_r))
         x0_hat = self(x, sigma, cond, gap=sigma / (1 + sigma) - sigma_r / (1 + sigma_r))
         return x0_hat + expand_sigma(sigma_r / sigma, x) * (x - x0_hat)
-
-
-class TargetNetwork:
-    """theta- <- mu theta- + (1 - mu) theta, once per `update`: the slow copy J is taken from (`target_ema`)."""
-
-    def __init__(self, model: nn.Module, mu: float):
-        self.mu, self.net = mu, None
-        self._init = model
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> nn.Module:
-        params = dict(model.named_parameters())
-        if self.net is None:  # built at the first step, on the trained network's device (a resume starts it again)
-            device = next(iter(params.values())).device
-            self.net = copy.deepcopy(self._init).requires_grad_(False).to(device)
-            self.net.load_state_dict(_plain_state(model))
-            self._init = None
-        for name, q in self.net.named_parameters():
-            q.lerp_(params[_ddp_name(name, params)].detach(), 1 - self.mu)
-        self.net.train(model.training)
-        return self.net
-
-
-def _plain_state(model: nn.Module) -> dict:
-    return {k.removeprefix("module."): v for k, v in model.state_dict().items()}
-
-
-def _ddp_name(name: str, params: dict) -> str:
-    return name if name in params else f"module.{name}"
 
 
 def _width(denoiser: nn.Module, path: str | None) -> int:
@@ -215,10 +178,8 @@ def adaptive_loss(u: Tensor, u_tgt: Tensor, *, p: float, c: float) -> Tensor:
 
 
 def meanflow_loss(D: nn.Module, x: Tensor, cond: Cond, rng: StepRNG, progress: Progress, *, hp: MeanFlow,
-                  sigma_min: float, sigma_max: float, teacher: Denoiser | None = None,
-                  target: TargetNetwork | None = None) -> Tensor:
-    """MeanFlow's loss for a two-time denoiser D(x, sigma, cond, gap=h); per sample [B]. With `target`, J is
-    the target network's derivative (`MeanFlow.target_ema`), else D's own."""
+                  sigma_min: float, sigma_max: float, teacher: Denoiser | None = None) -> Tensor:
+    """MeanFlow's loss for a two-time denoiser D(x, sigma, cond, gap=h); per sample [B]."""
     t, r = sample_t_r(x.shape[0], hp=hp, rng=rng, t_min=sigma_min / (1 + sigma_min), t_max=sigma_max / (1 + sigma_max))
     t, r = t.to(x.device, torch.float64), r.to(x.device, torch.float64)  # [B]; RF variables in float64
     eps = rng.randn_like(x)
@@ -229,7 +190,7 @@ def meanflow_loss(D: nn.Module, x: Tensor, cond: Cond, rng: StepRNG, progress: P
     seed = rng.seed()
     with same_dropout(seed, x.device):
         u = average_velocity(D, z, t, r, cond, dtype=x.dtype)
-    J = time_derivative(D if target is None else target.update(D), z, t, r, v, cond, mode=hp.jvp, step=hp.fd_step, t_max=sigma_max / (1 + sigma_max), seed=seed,
+    J = time_derivative(D, z, t, r, v, cond, mode=hp.jvp, step=hp.fd_step, t_max=sigma_max / (1 + sigma_max), seed=seed,
                         dtype=x.dtype)
     u_tgt = v - expand_sigma(t - r, z) * J  # MeanFlow Eq. 10
     if hp.balance_channels and x.ndim > 2:  # variables of unequal scale: Delta (and lambda) in balanced units
