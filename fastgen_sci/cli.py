@@ -238,9 +238,9 @@ def compare_methods(cfg: DictConfig) -> None:
         # the guard scores (and selects) the student with its own sampler, as `distill` does, not the scored levels
         student, training[m], _ = _train_student(sub, pack, teacher, dataset, run_dir / m, compose("config", overrides=own))
         base = OmegaConf.to_container(sub.student_sampler, resolve=True)
-        for k in steps:  # few-step students get K - 1 intermediate sigmas; diffusion students K solver steps
-            if base["name"] in STEP_LISTS:
-                base["sigmas"] = [] if k == 1 else list(cfg.few_step_sigmas[str(k)])
+        for k in steps:  # few-step students get K - 1 intermediate sigmas (the method's own few_step_sigmas
+            if base["name"] in STEP_LISTS:  # when its domain_method file sets them); diffusion students K steps
+                base["sigmas"] = [] if k == 1 else list(sub.few_step_sigmas[str(k)])
             else:
                 base["steps"] = k
             models[f"{m}@{k}"] = (student, sampler_spec(OmegaConf.create(base)))
