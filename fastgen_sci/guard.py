@@ -4,6 +4,7 @@ Distribution-matching students can collapse onto a few modes while their loss lo
 iterations the guard draws `members` members for the first `cases` evaluation cases (the same noise each
 time) and logs, next to the losses:
 * guard/ssr: corrected spread-skill ratio against the truth (when the pack has one), ~1 when reliable;
+* guard/ssr_worst: the same per channel, the channel's furthest from 1 (on a log scale);
 * guard/spread_ratio: student spread / teacher spread, ~1 when the student keeps the teacher's spread;
 * guard/spread_ratio_worst: the same per channel, the channel's furthest from 1 (on a log scale);
 * guard/teacher_rank_flatness: flatness of the rank of teacher members among the student's (~1 when the
@@ -19,7 +20,10 @@ result. `select` names the criterion:
 * 'crps': the worst channel's CRPS ratio to the teacher (without truth: the worst channel's |log spread ratio|);
 * 'crps_spread': the worst channel's CRPS ratio or spread mismatch max(r, 1/r) with r its spread ratio, whichever
   is larger. A proper score barely moves when the spread is 30% short (the fair CRPS of N(0, 0.7^2) against
-  N(0, 1) draws is 3% above the optimum); this criterion makes a spread 30% short count as a 43% skill loss. Select on validation cases, never on
+  N(0, 1) draws is 3% above the optimum); this criterion makes a spread 30% short count as a 43% skill loss.
+* 'crps_ssr': the same with r the channel's SSR against the truth: calibration, not the teacher's spread (an
+  over-dispersed teacher, SSR 1.1, leaves a student matched to it little room below a band's 1.15).
+Without truth every criterion falls back to the worst channel's |log spread ratio|. Select on validation cases, never on
 the evaluation cases' truth (the CLI passes the pack's `validation_cases` when it has them, and drops the
 truth of evaluation cases from a selecting guard).
 """
@@ -40,8 +44,8 @@ from .metrics import crps_ensemble, rank_flatness, rank_histogram, spread_skill
 from .registry import EvalCases
 from .samplers import SamplerSpec
 
-SELECT = ("crps", "crps_spread")
-FIELDS = ["guard/ssr", "guard/spread_ratio", "guard/spread_ratio_worst", "guard/teacher_rank_flatness", "guard/crps", "guard/crps_ratio",
+SELECT = ("crps", "crps_spread", "crps_ssr")
+FIELDS = ["guard/ssr", "guard/spread_ratio", "guard/spread_ratio_worst", "guard/ssr_worst", "guard/teacher_rank_flatness", "guard/crps", "guard/crps_ratio",
           "guard/crps_ratio_max"]
 
 
@@ -96,11 +100,16 @@ class SpreadGuard:
 
     def criterion(self, row: dict[str, float]) -> float:
         """Lower is better (`select`, module doc); skill and spread targets hold per variable, so per channel."""
-        log_mismatch = abs(math.log(max(row.get("guard/spread_ratio_worst", row["guard/spread_ratio"]), 1e-300)))
+        def log_mismatch(key: str) -> float:
+            return abs(math.log(max(row[key], 1e-300)))
+
+        spread = log_mismatch("guard/spread_ratio_worst" if "guard/spread_ratio_worst" in row else "guard/spread_ratio")
         if "guard/crps_ratio_max" not in row:
-            score = log_mismatch
+            score = spread
         elif self.select == "crps_spread":
-            score = max(row["guard/crps_ratio_max"], math.exp(log_mismatch))
+            score = max(row["guard/crps_ratio_max"], math.exp(spread))
+        elif self.select == "crps_ssr":
+            score = max(row["guard/crps_ratio_max"], math.exp(log_mismatch("guard/ssr_worst")))
         else:
             score = row["guard/crps_ratio_max"]
         return score if score == score else math.inf  # NaN: never the best
@@ -122,6 +131,8 @@ def scores(student: Tensor, teacher: Tensor, truth: Tensor | None) -> dict[str, 
            "guard/teacher_rank_flatness": float(rank_flatness(counts))}
     if truth is not None:
         row["guard/ssr"] = float(spread_skill(s, truth.to(s))["ssr"])
+        ssr = [float(spread_skill(s_c, y_c)["ssr"]) for s_c, y_c in _channels(s, truth.to(s))]
+        row["guard/ssr_worst"] = max(ssr, key=lambda r: abs(math.log(r)) if r > 0 else math.inf)  # NaN, 0: worst
         crps_s, crps_t = (crps_ensemble(e, truth.to(e)) for e in (s, t))  # [N, *shape]
         row["guard/crps"] = float(crps_s.mean())
         ratio = _per_channel(crps_s) / _per_channel(crps_t).clamp(min=1e-300)  # [C]
@@ -132,6 +143,13 @@ def scores(student: Tensor, teacher: Tensor, truth: Tensor | None) -> dict[str, 
 def _per_channel(score: Tensor) -> Tensor:
     """[N, C, ...] -> [C] means (a sample with more than one dim has channels first); [N, D] -> [1]."""
     return score.transpose(0, 1).flatten(1).mean(1) if score.ndim > 2 else score.mean().reshape(1)
+
+
+def _channels(members: Tensor, truth: Tensor):
+    """(members [M, N, ...], truth [N, ...]) per channel (dim 1 of a sample with more than one dim), else whole."""
+    if truth.ndim <= 2:
+        return [(members, truth)]
+    return [(members[:, :, c], truth[:, c]) for c in range(truth.shape[1])]
 
 
 def _first(cases: EvalCases, n: int) -> EvalCases:

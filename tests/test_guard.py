@@ -68,6 +68,13 @@ def test_crps_spread_selects_the_calibrated_student_that_crps_alone_passes_over(
     by_crps, by_both = SpreadGuard(**kw, select="crps"), SpreadGuard(**kw, select="crps_spread")
     assert by_crps.criterion(b) < by_crps.criterion(a)
     assert by_both.criterion(a) < by_both.criterion(b) and abs(by_both.criterion(b) - 1 / 0.75) < 0.04
+    # an over-dispersed teacher (SSR 1.2): 'crps_spread' keeps its copy, 'crps_ssr' the calibrated student
+    wide = 1.2 * torch.randn(4096, 8, 2, generator=g)
+    copy, calibrated = (scores(e, wide, truth) for e in (1.2 * torch.randn(4096, 8, 2, generator=g), teacher))
+    assert abs(copy["guard/ssr_worst"] - 1.2) < 0.04 and abs(calibrated["guard/ssr_worst"] - 1) < 0.04
+    by_ssr = SpreadGuard(**kw, select="crps_ssr")
+    assert by_both.criterion(copy) < by_both.criterion(calibrated) and by_ssr.criterion(calibrated) < by_ssr.criterion(copy)
+    assert abs(by_ssr.criterion(copy) - 1.2) < 0.04
     try:
         SpreadGuard(**kw, select="ssr")
         raise AssertionError("an unknown criterion was accepted")
