@@ -100,8 +100,8 @@ class SpreadGuard:
 
     def criterion(self, row: dict[str, float]) -> float:
         """Lower is better (`select`, module doc); skill and spread targets hold per variable, so per channel."""
-        def log_mismatch(key: str) -> float:
-            return abs(math.log(max(row[key], 1e-300)))
+        def log_mismatch(key: str) -> float:  # NaN (a collapsed or broken ensemble): infinitely far
+            return abs(math.log(max(row[key], 1e-300))) if row[key] == row[key] else math.inf
 
         spread = log_mismatch("guard/spread_ratio_worst" if "guard/spread_ratio_worst" in row else "guard/spread_ratio")
         if "guard/crps_ratio_max" not in row:

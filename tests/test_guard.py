@@ -75,6 +75,7 @@ def test_crps_spread_selects_the_calibrated_student_that_crps_alone_passes_over(
     by_ssr = SpreadGuard(**kw, select="crps_ssr")
     assert by_both.criterion(copy) < by_both.criterion(calibrated) and by_ssr.criterion(calibrated) < by_ssr.criterion(copy)
     assert abs(by_ssr.criterion(copy) - 1.2) < 0.04
+    assert by_ssr.criterion({**calibrated, "guard/ssr_worst": float("nan")}) == math.inf  # never the best
     try:
         SpreadGuard(**kw, select="ssr")
         raise AssertionError("an unknown criterion was accepted")
