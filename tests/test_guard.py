@@ -2,6 +2,7 @@
 student (also across a resume)."""
 import math
 
+import pytest
 import torch
 
 from fastgen_sci import checkpoint
@@ -53,7 +54,7 @@ def test_guard_crps_and_selection_criterion():
     assert guard.criterion({"guard/spread_ratio": float("nan")}) == math.inf
 
 
-def test_crps_spread_selects_the_calibrated_student_that_crps_alone_passes_over():
+def test_spread_and_ssr_criteria_select_what_crps_alone_passes_over():
     """Biased by 0.3 but calibrated: fair CRPS 4.5% above the optimum; unbiased with 75% of the spread: 1.8% above
     (closed forms for N(0, 1) truth). 'crps' keeps the short one; 'crps_spread' counts its spread as 1/0.75."""
     g = torch.Generator().manual_seed(3)
@@ -76,11 +77,8 @@ def test_crps_spread_selects_the_calibrated_student_that_crps_alone_passes_over(
     assert by_both.criterion(copy) < by_both.criterion(calibrated) and by_ssr.criterion(calibrated) < by_ssr.criterion(copy)
     assert abs(by_ssr.criterion(copy) - 1.2) < 0.04
     assert by_ssr.criterion({**calibrated, "guard/ssr_worst": float("nan")}) == math.inf  # never the best
-    try:
+    with pytest.raises(ValueError, match="crps_spread"):
         SpreadGuard(**kw, select="ssr")
-        raise AssertionError("an unknown criterion was accepted")
-    except ValueError as e:
-        assert "crps_spread" in str(e)
 
 
 class ScriptedGuard:
