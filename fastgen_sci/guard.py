@@ -23,9 +23,9 @@ result. `select` names the criterion:
   N(0, 1) draws is 3% above the optimum); this criterion makes a spread 30% short count as a 43% skill loss.
 * 'crps_ssr': the same with r the channel's SSR against the truth: calibration, not the teacher's spread (an
   over-dispersed teacher, SSR 1.1, leaves a student matched to it little room below a band's 1.15).
-Without truth every criterion falls back to the worst channel's |log spread ratio|. Select on validation cases, never on
-the evaluation cases' truth (the CLI passes the pack's `validation_cases` when it has them, and drops the
-truth of evaluation cases from a selecting guard).
+Without truth every criterion falls back to the worst channel's |log spread ratio|. Select on validation cases,
+never on the evaluation cases' truth (the CLI passes the pack's `validation_cases` when it has them, and drops
+the truth of evaluation cases from a selecting guard).
 """
 from __future__ import annotations
 
@@ -45,8 +45,8 @@ from .registry import EvalCases
 from .samplers import SamplerSpec
 
 SELECT = ("crps", "crps_spread", "crps_ssr")
-FIELDS = ["guard/ssr", "guard/spread_ratio", "guard/spread_ratio_worst", "guard/ssr_worst", "guard/teacher_rank_flatness", "guard/crps", "guard/crps_ratio",
-          "guard/crps_ratio_max"]
+FIELDS = ["guard/ssr", "guard/spread_ratio", "guard/spread_ratio_worst", "guard/ssr_worst",
+          "guard/teacher_rank_flatness", "guard/crps", "guard/crps_ratio", "guard/crps_ratio_max"]
 
 
 @dataclass
@@ -123,16 +123,16 @@ def scores(student: Tensor, teacher: Tensor, truth: Tensor | None) -> dict[str, 
     """Guard scores of ensembles [N, M, *shape] (teacher too) against truth [N, *shape] or None."""
     s, t = student.transpose(0, 1).double(), teacher.transpose(0, 1).double()  # members first
     var_s, var_t = s.var(0), t.var(0)  # [N, *shape]
-    per_channel = (_per_channel(var_s) / _per_channel(var_t).clamp(min=1e-300)).sqrt()  # [C]
+    spread_ratios = (_per_channel(var_s) / _per_channel(var_t).clamp(min=1e-300)).sqrt()  # [C]
     g = torch.Generator().manual_seed(0)
     counts = sum(rank_histogram(s, t[k], generator=g) for k in range(t.shape[0]))
     row = {"guard/spread_ratio": float((var_s.mean() / var_t.mean().clamp(min=1e-300)).sqrt()),
-           "guard/spread_ratio_worst": float(per_channel[per_channel.log().abs().nan_to_num(math.inf).argmax()]),
+           "guard/spread_ratio_worst": _furthest_from_one(spread_ratios),
            "guard/teacher_rank_flatness": float(rank_flatness(counts))}
     if truth is not None:
         row["guard/ssr"] = float(spread_skill(s, truth.to(s))["ssr"])
-        ssr = [float(spread_skill(s_c, y_c)["ssr"]) for s_c, y_c in _channels(s, truth.to(s))]
-        row["guard/ssr_worst"] = max(ssr, key=lambda r: abs(math.log(r)) if r > 0 else math.inf)  # NaN, 0: worst
+        per_channel = [d for d in range(truth.ndim) if d != 1] if truth.ndim > 2 else None  # S = [N, C, ...]
+        row["guard/ssr_worst"] = _furthest_from_one(spread_skill(s, truth.to(s), dims=per_channel)["ssr"].reshape(-1))
         crps_s, crps_t = (crps_ensemble(e, truth.to(e)) for e in (s, t))  # [N, *shape]
         row["guard/crps"] = float(crps_s.mean())
         ratio = _per_channel(crps_s) / _per_channel(crps_t).clamp(min=1e-300)  # [C]
@@ -145,11 +145,9 @@ def _per_channel(score: Tensor) -> Tensor:
     return score.transpose(0, 1).flatten(1).mean(1) if score.ndim > 2 else score.mean().reshape(1)
 
 
-def _channels(members: Tensor, truth: Tensor):
-    """(members [M, N, ...], truth [N, ...]) per channel (dim 1 of a sample with more than one dim), else whole."""
-    if truth.ndim <= 2:
-        return [(members, truth)]
-    return [(members[:, :, c], truth[:, c]) for c in range(truth.shape[1])]
+def _furthest_from_one(ratios: Tensor) -> float:
+    """The ratio [C] furthest from 1 on a log scale (NaN and 0 count as furthest)."""
+    return float(ratios[ratios.log().abs().nan_to_num(math.inf).argmax()])
 
 
 def _first(cases: EvalCases, n: int) -> EvalCases:
